@@ -1,0 +1,79 @@
+"""The `happysad` command: train, score, predict, evaluate, make-data.
+
+`python jobs/train.py ARGS` is `happysad train ARGS` (likewise score). Exit
+codes: 0 success, 2 bad arguments or unusable input (one line, no
+traceback), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from happysad.storage import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, instead of argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train the CNN on Ray (defaults: demo data, 1 local worker)")
+    p.add_argument("--data", action="append", help="folder or s3:// prefix (happy/ sad/ or .tar shards); repeatable")
+    p.add_argument("--output", help="run directory, local or s3:// (default runs/<UTC timestamp>)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch, split across workers")
+    p.add_argument("--learning-rate", type=float, default=0.001)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint under --output")
+
+
+def _add_make_data(sub) -> None:
+    p = sub.add_parser("make-data", help="write the synthetic face set")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=0, help="write K WebDataset .tar shards instead of class folders")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="happysad", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_make_data(sub)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "make-data":
+        from happysad import synth
+
+        if args.n < 1 or args.shards < 0:
+            raise UsageError("--n must be >= 1 and --shards >= 0")
+        out = synth.make_data(args.out, args.n, args.seed, args.shards)
+        print(f"wrote {args.n} images to {out}")
+    elif args.command == "train":
+        from happysad import train
+
+        train.run(train.TrainConfig.from_args(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        _run(args)
+    except UsageError as exc:
+        print(f"happysad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

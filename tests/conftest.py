@@ -1,0 +1,158 @@
+"""Session fixtures: one S3-protocol server (moto) and one Ray head on 127.0.0.1 per test run.
+
+Both are started by this process and stopped by it, even when tests fail.
+The S3 variables are in the environment before the Ray head starts, so every
+Ray worker reaches the same server with the same (fake) credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from happysad import synth
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "happysad-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server):
+    return boto3.client("s3", endpoint_url=s3_server)
+
+
+def upload_tree(s3, local: Path, prefix: str) -> str:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(local).as_posix()}")
+    return f"s3://{BUCKET}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server):
+    """A real Ray head (`ray start --head --block`), with a dashboard for `ray job submit`.
+
+    Auth is disabled for this loopback-only head (Ray 2.60 enables token auth by default).
+    The venv's bin comes first on PATH so submitted jobs run the same `python`.
+    """
+    temp_dir = Path(tempfile.mkdtemp(prefix="hsray-", dir="/tmp"))
+    port, dashboard_port = free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+            f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+            "--object-store-memory=1500000000", "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    address = f"127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled")
+    try:
+        _wait_for_port(dashboard_port, head)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env}
+    finally:
+        import ray
+
+        ray.shutdown()
+        head.send_signal(signal.SIGTERM)  # --block: the head stops every process it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError("Ray head did not open its dashboard port")
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_head):
+    """The test process connected to the shared head as a Ray driver."""
+    import ray
+
+    ray.init(address=ray_head["address"], log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray_head
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory) -> Path:
+    """24 synthetic faces as class folders."""
+    return synth.make_data(tmp_path_factory.mktemp("folders"), n=24, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """The same 24 faces as 3 WebDataset shards."""
+    return synth.make_data(tmp_path_factory.mktemp("shards"), n=24, seed=3, shards=3)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m happysad.cli ARGS` as a user would, in its own process."""
+    return subprocess.run(
+        [sys.executable, "-m", "happysad.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env or os.environ.copy(),
+    )

@@ -1,0 +1,154 @@
+"""sources and storage on local disk and on a real S3-protocol server; the hash split."""
+
+import shutil
+
+import pytest
+
+from conftest import BUCKET, upload_tree
+from happysad import sources, storage, synth
+from happysad.decode import header_size, sniff_format
+from happysad.split import split_of
+from happysad.storage import UsageError
+
+
+def rows_by_key(ds, root_uri: str) -> dict:
+    """{path relative to the root URI: (bytes, label)}: comparable across local and S3."""
+    return {r["path"][len(root_uri):].lstrip("/"): (r["bytes"], r["label"]) for r in ds.take_all()}
+
+
+def test_class_folders_give_path_bytes_label(ray_session, tiny_folders):
+    rows = sources.labelled_images([str(tiny_folders)]).take_all()
+    assert len(rows) == 24
+    for row in rows:
+        assert row["label"] in ("happy", "sad")
+        assert f"/{row['label']}/" in row["path"]
+        with open(row["path"], "rb") as f:
+            assert f.read() == row["bytes"]
+
+
+def test_hidden_files_skipped_and_nested_folders_searched(ray_session, tiny_folders, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_folders, root)
+    nested = root / "happy" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    shutil.copy(next((root / "happy").glob("*.jpg")), nested / "copy.JPG")
+    (root / "happy" / ".DS_Store").write_bytes(b"junk")
+    (root / "sad" / ".cache").mkdir()
+    (root / "sad" / ".cache" / "thumb.jpg").write_bytes(b"junk")
+    (nested / ".hidden.jpg").write_bytes(b"junk")
+    rows = sources.labelled_images([str(root)]).take_all()
+    paths = [r["path"] for r in rows]
+    assert len(rows) == 25
+    assert str(nested / "copy.JPG") in paths
+    assert not any("/." in p for p in paths)
+
+
+def test_webdataset_shards(ray_session, tiny_shards, tiny_folders):
+    rows = sources.labelled_images([str(tiny_shards)]).take_all()
+    from_folders = {r["bytes"]: r["label"] for r in sources.labelled_images([str(tiny_folders)]).take_all()}
+    assert len(rows) == 24
+    assert {r["bytes"]: r["label"] for r in rows} == from_folders
+    assert all(".tar#" in r["path"] for r in rows)
+
+
+def test_several_uris_are_combined(ray_session, tiny_shards, tiny_folders):
+    assert sources.labelled_images([str(tiny_folders), str(tiny_shards)]).count() == 48
+
+
+def test_s3_rows_equal_local_rows(ray_session, s3, tiny_folders, tiny_shards):
+    folders_uri = upload_tree(s3, tiny_folders, "sources/folders")
+    shards_uri = upload_tree(s3, tiny_shards, "sources/shards")
+    for local, remote in ((tiny_folders, folders_uri), (tiny_shards, shards_uri)):
+        local_rows = rows_by_key(sources.labelled_images([str(local)]), str(local))
+        s3_rows = rows_by_key(sources.labelled_images([remote]), remote)
+        assert len(s3_rows) == 24
+        assert s3_rows == local_rows
+    assert all(r["path"].startswith(f"s3://{BUCKET}/") for r in sources.labelled_images([shards_uri]).take(3))
+
+
+def test_unusable_uris_fail_before_work_naming_the_uri(ray_session, tmp_path, s3):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    cases = {
+        str(tmp_path / "missing"): "no such folder",
+        str(tmp_path): "no happy/ or sad/ folder and no .tar shards (found: cats/, notes.txt)",
+        str(tmp_path / "notes.txt"): "is a file",
+        f"s3://{BUCKET}/no/such/prefix": "no such folder",
+    }
+    for uri, expected in cases.items():
+        with pytest.raises(UsageError) as info:
+            sources.labelled_images([uri])
+        assert uri in str(info.value) and expected in str(info.value)
+        assert "\n" not in str(info.value)
+
+
+def test_s3_filesystem_honours_endpoint_variables(s3_server, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
+    storage.write_bytes(f"s3://{BUCKET}/storage/hello.txt", b"hello")
+    assert storage.read_bytes(f"s3://{BUCKET}/storage/hello.txt") == b"hello"
+
+
+def test_local_write_is_atomic_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "out" / "file.bin"
+    storage.write_bytes(str(target), b"one")
+    storage.write_bytes(str(target), b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
+
+
+# --- the split -------------------------------------------------------------
+
+def blobs(n: int, start: int = 0) -> list[bytes]:
+    return [f"image-{i}".encode() for i in range(start, start + n)]
+
+
+def test_split_fractions_are_close_to_70_20_10():
+    splits = [split_of(b) for b in blobs(20_000)]
+    for name, share in (("train", 0.7), ("val", 0.2), ("test", 0.1)):
+        assert abs(splits.count(name) / len(splits) - share) < 0.015
+
+
+def test_split_is_deterministic_for_a_seed_and_changes_with_it():
+    data = blobs(2000)
+    assert [split_of(b, seed=7) for b in data] == [split_of(b, seed=7) for b in data]
+    assert [split_of(b, seed=7) for b in data] != [split_of(b, seed=8) for b in data]
+
+
+def test_split_is_stable_when_files_are_added():
+    before = {b: split_of(b) for b in blobs(1000)}
+    after = {b: split_of(b) for b in blobs(1000) + blobs(5000, start=1000)}
+    assert all(after[b] == s for b, s in before.items())
+
+
+def test_duplicates_land_together_whatever_their_names(tiny_folders, tmp_path):
+    data = (next((tiny_folders / "sad").iterdir())).read_bytes()
+    for seed in range(50):
+        assert split_of(bytes(bytearray(data)), seed=seed) == split_of(data, seed=seed)
+
+
+# --- synthetic data --------------------------------------------------------
+
+def test_synth_is_deterministic_and_varied():
+    a = [synth.sample(0, i) for i in range(40)]
+    assert a == [synth.sample(0, i) for i in range(40)]
+    assert {s.label for s in a} == {"happy", "sad"}
+    assert {s.extension for s in a} == {"jpg", "png"}
+    sizes = [header_size(s.data, sniff_format(s.data)) for s in a]
+    assert len(set(sizes)) > 30
+    assert all(200 <= w <= 800 and w == h for w, h in sizes)
+
+
+def test_make_data_cli_writes_folders_and_shards(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("make-data", "--out", str(tmp_path / "f"), "--n", "10", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "f" / "happy").iterdir())) == 5
+    assert len(list((tmp_path / "f" / "sad").iterdir())) == 5
+    result = run_cli("make-data", "--out", str(tmp_path / "s"), "--n", "10", "--shards", "2")
+    assert result.returncode == 0, result.stderr
+    import tarfile
+
+    names = [n for shard in sorted((tmp_path / "s").glob("*.tar")) for n in tarfile.open(shard).getnames()]
+    assert len(names) == 20 and sum(n.endswith(".cls") for n in names) == 10
