@@ -42,10 +42,50 @@ def _add_make_data(sub) -> None:
     p.add_argument("--shards", type=int, default=0, help="write K WebDataset .tar shards instead of class folders")
 
 
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="score images to Parquet, one row per input")
+    p.add_argument("--model", help="a .keras file or run directory (default: latest runs/*/model.keras)")
+    p.add_argument("--input", action="append", help="image file, folder, s3:// prefix or .tar/.tar.gz/.zip; repeatable")
+    p.add_argument("--output", help="folder or s3:// prefix for the Parquet files (required)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    p.add_argument("--concurrency", type=int, default=0, help="model replicas (default: fit the cluster)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per model replica")
+    p.add_argument("--threshold", type=float, default=0.5, help="score at or above it is 'sad'")
+    p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per Parquet file (what a kill can lose)")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="print path, label, score for a few images (no Ray)")
+    p.add_argument("--model", help="a .keras file or run directory (default: latest runs/*/model.keras)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+
+
+def _predict(args) -> None:
+    from happysad.decode import DecodeError, decode_image
+    from happysad.score import load_scoring_model, resolve_model
+
+    model, _ = load_scoring_model(resolve_model(args.model or ""))
+    for path in args.images:
+        try:
+            with open(path, "rb") as f:
+                image = decode_image(f.read())
+        except OSError:
+            print(f"{path}\terror\tread_failed")
+            continue
+        except DecodeError as exc:
+            print(f"{path}\terror\t{exc.reason}")
+            continue
+        score = float(model(image[None], training=False).numpy()[0, 0])
+        print(f"{path}\t{'sad' if score >= args.threshold else 'happy'}\t{score:.6f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="happysad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
+    _add_score(sub)
+    _add_predict(sub)
     _add_make_data(sub)
     return parser
 
@@ -62,6 +102,12 @@ def _run(args: argparse.Namespace) -> None:
         from happysad import train
 
         train.run(train.TrainConfig.from_args(args))
+    elif args.command == "score":
+        from happysad import score
+
+        score.run(score.ScoreConfig.from_args(args))
+    elif args.command == "predict":
+        _predict(args)
 
 
 def main(argv: list[str] | None = None) -> int:

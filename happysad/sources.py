@@ -12,6 +12,7 @@ import posixpath
 import numpy as np
 import pyarrow.fs as pafs
 import ray
+from ray.data import FileShuffleConfig
 
 from happysad import storage
 from happysad.storage import UsageError
@@ -20,13 +21,18 @@ CLASSES = ("happy", "sad")  # index = label id: happy 0, sad 1 (alphabetical, as
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
 
-def labelled_images(uris: list[str], flag: str = "--data") -> ray.data.Dataset:
-    """One dataset of {path, bytes, label} rows from every URI, class folders and shards alike."""
-    datasets = [_labelled_one(uri, flag) for uri in uris]
+def labelled_images(uris: list[str], flag: str = "--data", shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """One dataset of {path, bytes, label} rows from every URI, class folders and shards alike.
+
+    With `shuffle_seed`, files (or shards) are read in a seeded random order: class
+    folders otherwise arrive all-happy then all-sad, which a shuffle buffer cannot mix.
+    """
+    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    datasets = [_labelled_one(uri, flag, shuffle) for uri in uris]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def _labelled_one(uri: str, flag: str) -> ray.data.Dataset:
+def _labelled_one(uri: str, flag: str, shuffle) -> ray.data.Dataset:
     kind = storage.file_type(uri)
     if kind == pafs.FileType.NotFound:
         raise UsageError(f"{flag} {uri}: no such folder or prefix")
@@ -36,17 +42,17 @@ def _labelled_one(uri: str, flag: str) -> ray.data.Dataset:
     classes = [e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name in CLASSES]
     shards = sorted(e.path for e in entries if e.is_file and e.base_name.endswith(".tar"))
     if classes:
-        return _class_folders(uri, sorted(classes))
+        return _class_folders(uri, sorted(classes), shuffle)
     if shards:
-        return _webdataset_shards(uri, shards)
+        return _webdataset_shards(uri, shards, shuffle)
     found = ", ".join(sorted(e.base_name + ("/" if e.type == pafs.FileType.Directory else "") for e in entries)[:8])
     raise UsageError(f"{flag} {uri}: no happy/ or sad/ folder and no .tar shards (found: {found or 'nothing'})")
 
 
-def _class_folders(uri: str, classes: list[str]) -> ray.data.Dataset:
+def _class_folders(uri: str, classes: list[str], shuffle) -> ray.data.Dataset:
     fs, root = storage.filesystem(uri)
     folders = [posixpath.join(root, c) for c in classes]
-    ds = ray.data.read_binary_files(folders, filesystem=fs, include_paths=True)
+    ds = ray.data.read_binary_files(folders, filesystem=fs, include_paths=True, shuffle=shuffle)
 
     def label_from_folder(batch: dict) -> dict:
         # Ray skips hidden names only at the top of each folder; skip them at any depth.
@@ -61,9 +67,9 @@ def _class_folders(uri: str, classes: list[str]) -> ray.data.Dataset:
     return ds.map_batches(label_from_folder, batch_format="numpy")
 
 
-def _webdataset_shards(uri: str, shards: list[str]) -> ray.data.Dataset:
+def _webdataset_shards(uri: str, shards: list[str], shuffle) -> ray.data.Dataset:
     fs, _ = storage.filesystem(uri)
-    ds = ray.data.read_webdataset(shards, filesystem=fs, decoder=None)
+    ds = ray.data.read_webdataset(shards, filesystem=fs, decoder=None, shuffle=shuffle)
 
     def sample_to_row(batch: dict) -> dict:
         paths, images, labels = [], [], []

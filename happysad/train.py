@@ -94,7 +94,7 @@ def zero_weight(batch: dict) -> dict:
 
 def prepare_datasets(config: TrainConfig, uris: list[str], workers: int):
     """Decode once (materialized), count, and split. Returns (datasets, counts, skipped, rows)."""
-    labelled = sources.labelled_images(uris)
+    labelled = sources.labelled_images(uris, shuffle_seed=config.seed)
     decoded = labelled.map_batches(
         decode_for_training,
         fn_kwargs={"seed": config.seed, "val_fraction": config.val_fraction, "test_fraction": config.test_fraction},
@@ -116,7 +116,9 @@ def prepare_datasets(config: TrainConfig, uris: list[str], workers: int):
         extra = (-real[split]) % workers if split != "train" and real[split] else 0
         if extra:  # Ray Train splits equally, dropping the remainder: pad instead of losing real rows
             ds = ds.union(ds.limit(extra).map_batches(zero_weight, batch_format="numpy"))
-        datasets[split] = ds.materialize()
+        ds = ds.materialize()
+        # A fresh block order each epoch; the workers' shuffle buffer mixes within blocks.
+        datasets[split] = ds.randomize_block_order() if split == "train" else ds
         rows[split] = real[split] + extra
     count_table = {s: {c: counts[(s, c)] for c in sources.CLASSES} for s in SPLITS}
     return datasets, count_table, dict(skipped), rows, real

@@ -80,7 +80,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         batches = iter(
             ray.train.get_dataset_shard(split).iter_tf_batches(
                 batch_size=per_worker,
-                local_shuffle_buffer_size=4 * per_worker if shuffle_seed is not None else None,
+                local_shuffle_buffer_size=256 if shuffle_seed is not None else None,
                 local_shuffle_seed=shuffle_seed,
             )
         )

@@ -1,0 +1,211 @@
+"""Scoring: one row per input across folders, archives, single files and S3; parity; resume; job submit."""
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import BUCKET, REPO, run_cli, upload_tree
+from happysad import storage, synth
+from happysad.decode import decode_image
+from happysad.model import build_model, load_model
+from happysad.score import ScoreConfig, run
+
+BAD = {"empty.jpg": (b"", "empty"), "notes.txt": (b"just text", "not_an_image")}
+
+
+def bomb_png() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+def good_images(n: int, seed: int = 21) -> dict[str, bytes]:
+    return {f"{s.key}.{s.extension}": s.data for s in (synth.sample(seed, i) for i in range(n))}
+
+
+def bad_images() -> dict[str, tuple[bytes, str]]:
+    jpeg = synth.sample(5, 0).data if synth.sample(5, 0).extension == "jpg" else synth.sample(5, 2).data
+    return BAD | {"cut.jpg": (jpeg[: len(jpeg) // 2], "truncated"), "bomb.png": (bomb_png(), "too_large")}
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    build_model().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(tmp_path_factory) -> tuple[Path, dict]:
+    """A folder (nested), a .tar.gz, a .zip and a single file; returns (root, {path: expected error or None})."""
+    root = tmp_path_factory.mktemp("mixed")
+    expected = {}
+    folder = root / "folder" / "nested"
+    folder.mkdir(parents=True)
+    for name, data in good_images(5).items():
+        (folder / name).write_bytes(data)
+        expected[str(folder / name)] = None
+    for name, (data, reason) in bad_images().items():
+        (folder / name).write_bytes(data)
+        expected[str(folder / name)] = reason
+    members = {name: (data, None) for name, data in good_images(4, seed=22).items()} | bad_images()
+    with tarfile.open(root / "batch.tar.gz", "w:gz") as tar:
+        for name, (data, reason) in members.items():
+            info = tarfile.TarInfo(f"inner/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            expected[f"{root / 'batch.tar.gz'}#inner/{name}"] = reason
+    with zipfile.ZipFile(root / "batch.zip", "w") as archive:
+        for name, (data, reason) in members.items():
+            archive.writestr(name, data)
+            expected[f"{root / 'batch.zip'}#{name}"] = reason
+    single = root / "single.png"
+    single.write_bytes(good_images(1, seed=23).popitem()[1])
+    expected[str(single)] = None
+    return root, expected
+
+
+def read_rows(output: str) -> list[dict]:
+    fs, path = storage.filesystem(output)
+    return pads.dataset(path, format="parquet", filesystem=fs).to_table().to_pylist()
+
+
+def inputs_of(root: Path) -> tuple[str, ...]:
+    return (str(root / "folder"), str(root / "batch.tar.gz"), str(root / "batch.zip"), str(root / "single.png"))
+
+
+def test_one_row_per_input_with_errors_and_parity(ray_session, model_file, mixed_inputs, tmp_path):
+    root, expected = mixed_inputs
+    output = str(tmp_path / "scores")
+    summary = run(ScoreConfig(inputs=inputs_of(root), output=output, model=str(model_file), batch_size=8))
+    rows = read_rows(output)
+    assert len(rows) == len(expected) == summary["rows"]
+    assert {r["path"] for r in rows} == set(expected)
+    model_id = hashlib.sha256(model_file.read_bytes()).hexdigest()[:16]
+    model = load_model(str(model_file))
+    schema = pq.read_schema(next(Path(output).glob("*.parquet")))
+    assert [(f.name, str(f.type)) for f in schema] == [
+        ("path", "string"), ("score", "float"), ("label", "string"), ("error", "string"), ("model", "string")
+    ]
+    for row in rows:
+        assert row["model"] == model_id
+        assert row["error"] == expected[row["path"]], row["path"]
+        if row["error"]:
+            assert row["score"] is None and row["label"] is None
+            continue
+        assert row["label"] == ("sad" if row["score"] >= 0.5 else "happy")
+        if "#" not in row["path"]:
+            direct = float(model(decode_image(Path(row["path"]).read_bytes())[None], training=False)[0, 0])
+            assert row["score"] == pytest.approx(direct, abs=1e-5)
+    assert summary["errors"] == {
+        reason: 3 * sum(r == reason for _, r in bad_images().values()) for reason in {r for _, r in bad_images().values()}
+    }
+
+
+def test_predict_matches_score(ray_session, model_file, mixed_inputs, tmp_path):
+    root, expected = mixed_inputs
+    local = sorted(p for p, e in expected.items() if e is None and "#" not in p)[:2]
+    output = str(tmp_path / "scores")
+    run(ScoreConfig(inputs=tuple(local), output=output, model=str(model_file)))
+    scores = {r["path"]: r["score"] for r in read_rows(output)}
+    result = run_cli("predict", "--model", str(model_file), *local, str(root / "folder" / "nested" / "notes.txt"))
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert len(lines) == 3 and lines[2][1:] == ["error", "not_an_image"]
+    for path, label, score in lines[:2]:
+        assert float(score) == pytest.approx(scores[path], abs=1e-5)
+        assert label == ("sad" if float(score) >= 0.5 else "happy")
+
+
+def test_s3_archive_and_prefix_in_parquet_out(ray_session, s3, model_file, mixed_inputs):
+    root, expected = mixed_inputs
+    prefix = upload_tree(s3, root / "folder", "score/in/folder")
+    s3.upload_file(str(root / "batch.zip"), BUCKET, "score/in/batch.zip")
+    s3.upload_file(str(model_file), BUCKET, "score/model.keras")
+    output = f"s3://{BUCKET}/score/out"
+    run(ScoreConfig(inputs=(prefix, f"s3://{BUCKET}/score/in/batch.zip"), output=output, model=f"s3://{BUCKET}/score/model.keras"))
+    rows = read_rows(output)
+    local_zip = {p.split("#")[1]: e for p, e in expected.items() if "batch.zip#" in p}
+    local_folder = {Path(p).name: e for p, e in expected.items() if "/folder/" in p}
+    assert len(rows) == len(local_zip) + len(local_folder)
+    for row in rows:
+        assert row["path"].startswith(f"s3://{BUCKET}/score/in/")
+        name = row["path"].split("#")[1] if "#" in row["path"] else row["path"].rsplit("/", 1)[1]
+        assert row["error"] == (local_zip if "#" in row["path"] else local_folder)[name]
+
+
+def test_killed_run_resumes_to_exactly_one_row_per_input(ray_session, model_file, tmp_path):
+    source = tmp_path / "many"
+    source.mkdir()
+    image = synth.sample(9, 0).data
+    for i in range(400):
+        (source / f"img{i:04d}.jpg").write_bytes(image)
+    output = tmp_path / "scores"
+    args = ["score", "--model", str(model_file), "--input", str(source), "--output", str(output), "--batch-size", "16", "--rows-per-file", "16"]
+    proc = subprocess.Popen([sys.executable, "-m", "happysad.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and len(list(output.glob(".staging-*/*.parquet"))) < 3:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(output.glob("*.parquet")), "a killed run publishes nothing outside staging"
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_rows(str(output))
+    paths = [r["path"] for r in rows]
+    assert len(paths) == 400 and len(set(paths)) == 400
+    assert not list(output.glob(".staging-*"))
+    assert "scored" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--output", "x"], "--input"),
+        (["--input", "/no/such/place", "--output", "x", "--model", "MODEL"], "/no/such/place"),
+        (["--input", ".", "--output", "x", "--model", "/no/model.keras"], "/no/model.keras"),
+        (["--input", ".", "--output", "x", "--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_bad_arguments_exit_2(args, named, model_file):
+    result = run_cli("score", *[str(model_file) if a == "MODEL" else a for a in args])
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
+
+
+def test_ray_job_submit_runs_score(ray_session, model_file, mixed_inputs, tmp_path):
+    root, expected = mixed_inputs
+    output = tmp_path / "job-scores"
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_session["dashboard"],
+        "--working-dir", ".", "--", "python", "jobs/score.py", "--model", str(model_file),
+        "--input", str(root / "batch.zip"), "--output", str(output),
+    ]
+    result = subprocess.run(cmd, cwd=REPO, env=ray_session["env"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(read_rows(str(output))) == sum("batch.zip#" in p for p in expected)
