@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SCHEMA = pa.schema(
     [("path", pa.string()), ("score", pa.float32()), ("label", pa.string()), ("error", pa.string()), ("model", pa.string())]
 )
-FILES_PER_BLOCK = 640  # paths per read block: whole multiples of the model batch (FIELD_NOTES)
+FILES_PER_BLOCK = 640  # most paths per block: whole model batches, few small files (FIELD_NOTES)
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,8 @@ class Scorer:
 
     def __call__(self, batch: dict) -> pa.Table:
         n = len(batch["path"])
-        errors = list(batch["error"])
+        # An all-null error column can arrive as float NaN: only strings are errors.
+        errors = [e if isinstance(e, str) else None for e in batch["error"]]
         images, good = [], []
         for i, data in enumerate(batch["bytes"]):
             if errors[i]:
@@ -132,7 +133,7 @@ class Scorer:
                 "path": list(batch["path"]),
                 "score": pa.array(scores, pa.float32(), mask=~ok),
                 "label": pa.array([labels[i] if ok[i] else None for i in range(n)], pa.string()),
-                "error": pa.array([e or None for e in errors], pa.string()),
+                "error": pa.array(errors, pa.string()),
                 "model": [self.model_id] * n,
             },
             schema=SCHEMA,
@@ -197,7 +198,8 @@ def build_pipeline(config: ScoreConfig, model_uri: str, files: list[str], archiv
     parts = []
     todo = [f for f in files if f not in done]
     if todo:
-        blocks = max(1, len(todo) // FILES_PER_BLOCK)
+        # Each input block becomes one output file: the block size is also what a kill can lose.
+        blocks = -(-len(todo) // min(FILES_PER_BLOCK, config.rows_per_file))
         paths = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
         parts.append(paths.map_batches(inputs.read_files, batch_size=config.batch_size))
     if archives:
