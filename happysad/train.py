@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow.fs as pafs
-import ray
 
 from happysad import report, sources, storage, synth
 from happysad.decode import DecodeError, decode_image

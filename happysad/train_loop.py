@@ -22,7 +22,6 @@ import time
 
 import numpy as np
 
-HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:

@@ -2,7 +2,6 @@
 
 import hashlib
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest

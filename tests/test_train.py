@@ -1,9 +1,7 @@
 """Training on the shared local Ray head: sync, uneven data, metrics, S3, kill, resume, job submit."""
 
-import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BUCKET, REPO, run_cli, upload_tree
+from conftest import BUCKET, REPO, upload_tree
 from happysad import storage, synth
 from happysad.decode import decode_image
 from happysad.model import build_model
@@ -82,7 +80,7 @@ def numpy_metrics(model, data_root: Path, split: str, seed: int = 0) -> dict:
     }
 
 
-def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_session, s3, odd_data):
+def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_session, s3, odd_data, tmp_path):
     data_uri = upload_tree(s3, odd_data, "train/odd")
     output = f"s3://{BUCKET}/runs/two-workers"
     metrics = run(TrainConfig(data=(data_uri,), output=output, workers=2, **FAST))
@@ -93,8 +91,7 @@ def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_sess
     assert len(hashes) == 2 and hashes[0] == hashes[1]
     assert json.loads(storage.read_bytes(f"{output}/metrics.json")) == json.loads(json.dumps(metrics))
 
-    local_model = Path(storage.filesystem(".")[1]) / ".pytest_cache" / "two-workers.keras"
-    local_model.parent.mkdir(exist_ok=True)
+    local_model = tmp_path / "two-workers.keras"
     local_model.write_bytes(storage.read_bytes(f"{output}/model.keras"))
     model = keras.models.load_model(local_model, safe_mode=True)
     expected = numpy_metrics(model, odd_data, "test")
