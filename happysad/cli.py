@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
 
 from happysad.storage import UsageError
 
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config(cls, args: argparse.Namespace, **extra):
+    """A job config from parsed flags: each field that has a flag of the same name, plus `extra`."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    return cls(**values | extra)
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "make-data":
         from happysad import synth
@@ -101,11 +108,11 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "train":
         from happysad import train
 
-        train.run(train.TrainConfig.from_args(args))
+        train.run(_config(train.TrainConfig, args, data=tuple(args.data or ())))
     elif args.command == "score":
         from happysad import score
 
-        score.run(score.ScoreConfig.from_args(args))
+        score.run(_config(score.ScoreConfig, args, inputs=tuple(args.input or ())))
     elif args.command == "predict":
         _predict(args)
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -62,11 +62,6 @@ class ScoreConfig:
         if not 0 <= self.threshold <= 1:
             raise UsageError(f"--threshold {self.threshold} must be within [0, 1]")
 
-    @classmethod
-    def from_args(cls, args) -> "ScoreConfig":
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-        values["inputs"] = tuple(args.input or ())
-        return cls(**values)
 
 
 def resolve_model(uri: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -56,11 +56,6 @@ class TrainConfig:
         if self.resume and not self.output:
             raise UsageError("--resume needs --output naming the run to continue")
 
-    @classmethod
-    def from_args(cls, args) -> "TrainConfig":
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-        values["data"] = tuple(values.get("data") or ())
-        return cls(**values)
 
 
 def decode_for_training(batch: dict, seed: int, val_fraction: float, test_fraction: float) -> dict:
@@ -92,7 +87,11 @@ def zero_weight(batch: dict) -> dict:
 
 
 def prepare_datasets(config: TrainConfig, uris: list[str], workers: int):
-    """Decode once (materialized), count, and split. Returns (datasets, counts, skipped, rows)."""
+    """Decode once (materialized), count, and split.
+
+    Returns (datasets per split, counts per split and class, skipped by reason,
+    rows per split including padding, real rows per split).
+    """
     labelled = sources.labelled_images(uris, shuffle_seed=config.seed)
     decoded = labelled.map_batches(
         decode_for_training,
