@@ -68,10 +68,10 @@ def tensorboard_files(history: list[dict]) -> dict[str, bytes]:
     return files
 
 
-def write_run(output: str, model_bytes: bytes, metrics: dict, history: list[dict]) -> None:
+def write_run(output: str, model_bytes: bytes, metrics: dict, history: list[dict], tensorboard: dict[str, bytes]) -> None:
     storage.write_bytes(storage.join(output, "model.keras"), model_bytes)
     storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(metrics, indent=2).encode())
     storage.write_bytes(storage.join(output, "history.csv"), history_csv(history))
     storage.write_bytes(storage.join(output, "curves.png"), curves_png(history))
-    for name, data in tensorboard_files(history).items():
+    for name, data in tensorboard.items():
         storage.write_bytes(storage.join(output, "tensorboard", name), data)

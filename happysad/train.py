@@ -183,7 +183,7 @@ def run(config: TrainConfig) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "config": asdict(config),
     }
-    report.write_run(output, returned["model"], metrics, returned["history"])
+    report.write_run(output, returned["model"], metrics, returned["history"], returned["tensorboard"])
     test = metrics["test"]
     print(
         f"done: test accuracy {test['accuracy']:.4f}  auc {test['auc']:.4f}  (n={test['n']})  "

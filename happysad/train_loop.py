@@ -126,7 +126,16 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         model.save(os.path.join(tmp, "model.keras"))
         with open(os.path.join(tmp, "model.keras"), "rb") as f:
             model_bytes = f.read()
-    return {"history": state["history"], "val": state["val"], "test": test, "model": model_bytes, "replica_weight_hashes": hashes}
+    from happysad.report import tensorboard_files  # here, where TF is loaded already: the driver never imports it
+
+    return {
+        "history": state["history"],
+        "val": state["val"],
+        "test": test,
+        "model": model_bytes,
+        "tensorboard": tensorboard_files(state["history"]),
+        "replica_weight_hashes": hashes,
+    }
 
 
 def _metrics(keras, prefix: str) -> dict:
