@@ -26,6 +26,7 @@ def _add_train(sub) -> None:
     p.add_argument("--output", help="run directory, local or s3:// (default runs/<UTC timestamp>)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--one-per-node", action="store_true", help="put each worker on a different Ray node")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split across workers")
     p.add_argument("--learning-rate", type=float, default=0.001)

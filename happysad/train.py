@@ -30,6 +30,7 @@ class TrainConfig:
     output: str = ""  # run directory, local or s3://; empty = runs/<UTC timestamp>
     workers: int = 1  # Ray Train workers, one tf.distribute replica each
     gpu: bool = False  # one GPU per worker
+    one_per_node: bool = False  # place each worker on a different node (STRICT_SPREAD)
     epochs: int = 10
     batch_size: int = 32  # global batch, split across workers
     learning_rate: float = 0.001
@@ -148,7 +149,11 @@ def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu),
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=config.gpu,
+            placement_strategy="STRICT_SPREAD" if config.one_per_node else "PACK",
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=parent,
