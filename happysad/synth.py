@@ -38,13 +38,13 @@ class Sample:
 
 
 def draw_face(rng: np.random.Generator, label: str, side: int) -> np.ndarray:
-    """One BGR face, centred within ~8% of the frame, smiling (happy) or frowning (sad)."""
-    background = rng.integers(0, 256, 3)
+    """One BGR face, centred within ~5% of the frame, smiling (happy) or frowning (sad)."""
+    background = rng.integers(30, 226, 3)
     image = np.empty((side, side, 3), np.uint8)
     image[:] = background
-    image = cv2.add(image, rng.integers(-12, 13, image.shape).astype(np.int8), dtype=cv2.CV_8U)
-    cx, cy = (side / 2 + rng.uniform(-0.08, 0.08, 2) * side).astype(int)
-    radius = int(side * rng.uniform(0.28, 0.40))
+    image = cv2.add(image, rng.integers(-8, 9, image.shape).astype(np.int8), dtype=cv2.CV_8U)
+    cx, cy = (side / 2 + rng.uniform(-0.05, 0.05, 2) * side).astype(int)
+    radius = int(side * rng.uniform(0.31, 0.38))
     skin = SKIN_TONES[rng.integers(len(SKIN_TONES))]
     cv2.circle(image, (cx, cy), radius, skin, -1, cv2.LINE_AA)
     eye_dx, eye_y, eye_r = int(radius * 0.38), cy - int(radius * 0.3), max(2, int(radius * 0.1))
@@ -111,7 +111,7 @@ def cache_dir() -> Path:
 
 def demo_data(n: int = DEMO_SIZE, seed: int = 0) -> Path:
     """The demo set as class folders, generated once into the cache and reused."""
-    target = cache_dir() / f"demo-v2-n{n}-seed{seed}"
+    target = cache_dir() / f"demo-v3-n{n}-seed{seed}"
     if target.is_dir():
         return target
     log.info("generating %d demo images into %s (once)", n, target)
