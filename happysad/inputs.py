@@ -1,87 +1,217 @@
-"""Scoring inputs: files, folders, s3:// prefixes and archives -> rows {path, bytes, error}.
+"""Scoring inputs: files, folders, s3:// prefixes and archives -> rows {path, source, size, bytes, error}.
 
-Every input becomes exactly one row. A file that cannot be read becomes a row
-with error `read_failed` instead of failing the job. Archive members are
-streamed out of the archive (tar, tar.gz, zip; local or S3), never extracted
-to disk; a member's path is `ARCHIVE_URI#MEMBER`.
+Every input becomes exactly one row. The driver resolves each --input to an
+absolute URI, lists it (hidden names skipped and counted), drops what the
+output folder holds, and de-duplicates, so overlapping or differently spelled
+inputs give one row per file. Files are read later, in Ray: an unreadable
+one becomes a row with error `read_failed`, and one larger than the size
+limit becomes `too_large` without being read. Archive members (tar, tar.gz,
+zip; local or S3) are streamed out of the archive in bounded blocks, never
+extracted and never held whole; a member's path is `ARCHIVE_URI#MEMBER`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 import zipfile
+import zlib
+from dataclasses import dataclass
 
-import pyarrow.fs as pafs
+import numpy as np
+import pyarrow as pa
 
 from happysad import storage
 from happysad.storage import UsageError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+ROW_SCHEMA = pa.schema(
+    [("path", pa.string()), ("source", pa.binary()), ("size", pa.int64()), ("bytes", pa.binary()), ("error", pa.string())]
+)
+BLOCK_MEMBERS = 256  # an archive is emitted in blocks of at most this many members...
+BLOCK_BYTES = 32 << 20  # ...or this many bytes, whichever comes first: memory follows the block, not the archive
+# A damaged member: bad CRC or header (BadZipFile), corrupt deflate data (zlib.error), an encrypted
+# member (RuntimeError), an unknown compression (NotImplementedError), a cut-short stream (EOFError).
+MEMBER_ERRORS = (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError)
 
 
 def is_archive(uri: str) -> bool:
     return uri.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def expand(uris: list[str]) -> tuple[list[str], list[str]]:
-    """(plain file URIs, archive URIs) under the given inputs; folders are searched recursively."""
-    files, archives = [], []
+@dataclass
+class Inputs:
+    files: pa.Table  # ROW_SCHEMA rows of plain files, sorted by path, unique
+    archives: list[storage.Listed]
+    hidden: int  # hidden files skipped while listing
+
+
+def absolute(uri: str) -> str:
+    """An --input or --output value as the absolute URI that outputs name it by."""
+    return uri.rstrip("/") if storage.is_s3(uri) else storage.display_path(storage.local_source(uri))
+
+
+def expand(uris: list[str], output: str = "") -> Inputs:
+    """Everything under the given inputs, once each, minus anything inside `output`."""
+    found: dict[str, storage.Listed] = {}
+    hidden = 0
+    inside_output = absolute(output).rstrip("/") + "/" if output else None
     for uri in uris:
-        kind = storage.file_type(uri)
-        if kind == pafs.FileType.NotFound:
-            raise UsageError(f"--input {uri}: no such file, folder or prefix")
-        if kind == pafs.FileType.File:
-            found = [uri]
-        else:
-            found = sorted(storage.to_uri(i.path, uri) for i in storage.list_dir(uri, recursive=True) if i.is_file)
-        for path in found:
-            (archives if is_archive(path) else files).append(path)
-    return files, archives
-
-
-def read_files(batch: dict) -> dict:
-    """Read each file's bytes; an unreadable one keeps empty bytes and `read_failed`."""
-    data, errors = [], []
-    for uri in batch["path"]:
         try:
-            data.append(storage.read_bytes(uri))
-            errors.append(None)
-        except OSError:
-            data.append(b"")
-            errors.append("read_failed")
-    return {"path": list(batch["path"]), "bytes": data, "error": errors}
+            listed, skipped = storage.list_files(uri)
+        except FileNotFoundError:
+            raise UsageError(f"--input {uri}: no such file, folder or prefix") from None
+        except OSError as exc:
+            raise UsageError(f"--input {uri}: cannot be listed: {exc}") from None
+        if not listed and not skipped and not _exists(uri):
+            raise UsageError(f"--input {uri}: no such file, folder or prefix")
+        hidden += skipped
+        for item in listed:
+            if inside_output is None or not item.uri.startswith(inside_output):
+                found[item.uri] = item
+    files = [found[k] for k in sorted(found) if not is_archive(k)]
+    archives = [found[k] for k in sorted(found) if is_archive(k)]
+    return Inputs(_rows(files), archives, hidden)
 
 
-def read_archive(row: dict, done: frozenset = frozenset()) -> list[dict]:
-    """One row per regular member not already in `done`; a broken archive adds one read_failed row."""
-    uri = row["path"]
-    rows = []
+def _exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return storage.file_type(uri) != pafs.FileType.NotFound
+
+
+def _rows(files: list[storage.Listed]) -> pa.Table:
+    n = len(files)
+    return pa.table(
+        {
+            "path": [f.uri for f in files],
+            "source": [f.source for f in files],
+            "size": [f.size for f in files],
+            "bytes": pa.array([b""] * n, pa.binary()),
+            "error": pa.nulls(n, pa.string()),
+        },
+        schema=ROW_SCHEMA,
+    )
+
+
+def path_hashes(paths) -> np.ndarray:
+    """A 64-bit hash of each path: how resume compares a million paths without holding them."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(p.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") for p in paths],
+        dtype=np.uint64,
+    )
+
+
+def done_mask(done: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Which of `hashes` are in `done` (sorted)."""
+    if not len(done):
+        return np.zeros(len(hashes), bool)
+    at = np.minimum(np.searchsorted(done, hashes), len(done) - 1)
+    return done[at] == hashes
+
+
+def read_files(batch: dict, max_bytes: int) -> dict:
+    """Fill `bytes` of every row that has a source and no error yet; failures become error rows."""
+    data, errors = list(batch["bytes"]), [e if isinstance(e, str) else None for e in batch["error"]]
+    for i, (source, size) in enumerate(zip(batch["source"], batch["size"])):
+        if errors[i] or not source:
+            continue
+        if size > max_bytes:
+            errors[i] = "too_large"
+        elif size == storage.NOT_A_FILE:
+            errors[i] = "read_failed"
+        else:
+            try:
+                with storage.open_source(source) as stream:
+                    data[i] = stream.read(max_bytes + 1)
+                errors[i] = "too_large" if len(data[i]) > max_bytes else None  # grew since it was listed
+            except OSError:
+                errors[i] = "read_failed"
+        if errors[i]:
+            data[i] = b""
+    return batch | {"bytes": data, "error": errors}
+
+
+def read_archive(batch: dict, max_bytes: int, done: np.ndarray) -> object:
+    """Rows for the members of one archive (a batch of one), yielded in bounded blocks.
+
+    Members whose path hash is in `done` are skipped. A damaged member gets its
+    own `read_failed` row and the rest is still read; damage that stops the
+    archive from being read further adds one `read_failed` row for the archive
+    itself; an archive with no members gets one row, error `empty`.
+    """
+    (uri,) = batch["path"]
+    block, block_bytes, members = [], 0, 0
     try:
-        members = _zip_members(uri) if uri.lower().endswith(".zip") else _tar_members(uri)
-        for name, data in members:
+        for name, data, error in _members(uri, max_bytes):
+            members += 1
             path = f"{uri}#{name}"
-            if path not in done:
-                rows.append({"path": path, "bytes": data or b"", "error": None if data is not None else "read_failed"})
-    except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError):
-        if uri not in done:
-            rows.append({"path": uri, "bytes": b"", "error": "read_failed"})
-    return rows
+            if done_mask(done, path_hashes([path]))[0]:
+                continue
+            block.append((path, data, error))
+            block_bytes += len(data)
+            if len(block) >= BLOCK_MEMBERS or block_bytes >= BLOCK_BYTES:
+                yield _archive_rows(block)
+                block, block_bytes = [], 0
+        if members == 0:
+            block.append((uri, b"", "empty"))
+    except MEMBER_ERRORS:
+        block.append((uri, b"", "read_failed"))
+    if block:
+        yield _archive_rows(block)
 
 
-def _tar_members(uri: str):
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+def _archive_rows(block: list[tuple[str, bytes, str | None]]) -> pa.Table:
+    paths, data, errors = zip(*block)
+    n = len(block)
+    return pa.table(
+        {"path": paths, "source": [b""] * n, "size": [len(d) for d in data], "bytes": data, "error": errors},
+        schema=ROW_SCHEMA,
+    )
+
+
+def _members(uri: str, max_bytes: int):
+    """(name, bytes, error) for each member that is not a folder, in archive order."""
+    return _zip_members(uri, max_bytes) if uri.lower().endswith(".zip") else _tar_members(uri, max_bytes)
+
+
+def _member_name(raw_name: str) -> str:
+    # tarfile keeps undecodable name bytes as lone surrogates, which Arrow refuses: write them losslessly.
+    return storage.display_path(raw_name.encode("utf-8", "surrogateescape"))
+
+
+def _tar_members(uri: str, max_bytes: int):
+    with storage.open_source(uri.encode()) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
-            if member.isreg():
-                yield member.name, tar.extractfile(member).read()
+            name = _member_name(member.name)
+            if member.isdir():
+                continue
+            if not member.isreg():  # links, devices, FIFOs: nothing to score, and never followed
+                yield name, b"", "unsupported"
+            elif member.size > max_bytes:
+                yield name, b"", "too_large"  # tarfile skips its data without holding it
+            else:
+                try:
+                    yield name, tar.extractfile(member).read(), None
+                except MEMBER_ERRORS:  # cut short inside this member: nothing after it can be read
+                    yield name, b"", "read_failed"
+                    return
 
 
-def _zip_members(uri: str):
+def _zip_members(uri: str, max_bytes: int):
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f, zipfile.ZipFile(f) as archive:  # ranged reads, no local copy
         for info in archive.infolist():
-            if not info.is_dir():
-                try:
-                    yield info.filename, archive.read(info)
-                except (zipfile.BadZipFile, OSError, NotImplementedError):  # bad CRC, unknown compression
-                    yield info.filename, None
+            if info.is_dir():
+                continue
+            if info.file_size > max_bytes:
+                yield info.filename, b"", "too_large"
+                continue
+            try:
+                with archive.open(info) as member:
+                    data = member.read(max_bytes + 1)  # a member may inflate past what it declares
+            except MEMBER_ERRORS:
+                yield info.filename, b"", "read_failed"
+                continue
+            yield (info.filename, b"", "too_large") if len(data) > max_bytes else (info.filename, data, None)
+

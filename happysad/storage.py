@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -62,6 +65,103 @@ def file_type(uri: str) -> pafs.FileType:
         return fs.get_file_info(path).type
     except OSError as exc:  # e.g. a missing bucket or refused credentials
         raise UsageError(f"cannot reach {uri}: {exc}") from None
+
+
+class Listed(NamedTuple):
+    """One file found under an input: `uri` is how outputs name it, `source` is what opens it."""
+
+    uri: str
+    source: bytes  # a local path's raw bytes (any name, UTF-8 or not), or an s3:// URI
+    size: int
+
+
+def display_path(raw: bytes) -> str:
+    """A file name as outputs write it: UTF-8 names as they are, other names percent-encoded.
+
+    In a name that is not valid UTF-8, every byte that does not decode and every
+    '%' is written as %XX, so `urllib.parse.unquote_to_bytes` gives the exact
+    bytes back. Arrow strings must be UTF-8; this keeps such files, losslessly.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "surrogateescape")
+        return "".join(f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else "%25" if c == "%" else c for c in text)
+
+
+def local_source(uri: str) -> bytes:
+    """The absolute local path of a command-line value, as raw bytes (argv keeps odd bytes as surrogates)."""
+    return os.path.abspath(os.path.expanduser(os.fsencode(uri)))
+
+
+def list_files(uri: str) -> tuple[list[Listed], int]:
+    """(files under a folder or prefix, or the one file named, and the number of hidden files skipped).
+
+    Hidden means a name starting with '.' at any depth below `uri`. Nothing else
+    is skipped: unlike Ray's listing, names starting with '_' are files like any other.
+    """
+    if is_s3(uri):
+        return _list_s3(uri)
+    files, hidden = [], 0
+    for raw, size in _walk_local(local_source(uri)):
+        if raw is None:
+            hidden += 1
+        else:
+            files.append(Listed(display_path(raw), raw, size))
+    return files, hidden
+
+
+NOT_A_FILE = -1  # the size of a listed entry that must not be opened: a FIFO, device, socket or link to a folder
+
+
+def _walk_local(path: bytes) -> Iterator[tuple[bytes | None, int]]:
+    """(raw path, size) of each entry under `path`; (None, 0) for each hidden one.
+
+    Links to folders are not followed (no cycles); they, and anything that is
+    not a regular file, are listed with size NOT_A_FILE so that they get an
+    error row instead of vanishing, and are never opened (a FIFO would block).
+    """
+    info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        yield path, info.st_size if stat.S_ISREG(info.st_mode) else NOT_A_FILE
+        return
+    stack = [(path, False)]
+    while stack:
+        folder, hidden = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                inside = hidden or entry.name.startswith(b".")
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, inside))
+                elif inside:
+                    yield None, 0
+                else:
+                    yield entry.path, entry.stat().st_size if entry.is_file() else NOT_A_FILE
+
+
+def _list_s3(uri: str) -> tuple[list[Listed], int]:
+    fs, root = filesystem(uri)
+    info = fs.get_file_info(root)
+    if info.is_file:
+        return [Listed(uri, uri.encode(), info.size)], 0
+    files, hidden = [], 0
+    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if not entry.is_file:
+            continue
+        if _hidden(posixpath.relpath(entry.path, root)):
+            hidden += 1
+        else:
+            full = f"s3://{entry.path}"
+            files.append(Listed(full, full.encode(), entry.size))
+    return files, hidden
+
+
+def open_source(source: bytes):
+    """A readable binary stream for a `Listed.source`."""
+    if source.startswith(b"s3://"):
+        fs, path = filesystem(source.decode())
+        return fs.open_input_stream(path)
+    return open(source, "rb")
 
 
 def list_dir(uri: str, recursive: bool = False) -> list[pafs.FileInfo]:
