@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from happysad.decode import REASONS, DecodeError, decode_image
+from happysad.decode import REASONS, DecodeError, decode_image, read_flag
+from happysad.synth import draw_face
 
 RED_LEFT = np.zeros((40, 60, 3), np.uint8)  # RGB: red left half, blue right half
 RED_LEFT[:, :30] = (255, 0, 0)
@@ -227,3 +228,118 @@ def test_garbage_after_a_valid_signature_never_crashes():
             assert exc.reason in REASONS
         else:
             assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+
+
+# --- large JPEGs: reduced (DCT-domain) decode --------------------------------------------------
+
+FULL = cv2.IMREAD_COLOR_RGB
+
+
+def photo(width: int = 4000, height: int = 3000, seed: int = 0) -> np.ndarray:
+    """A natural-ish RGB photo: a drawn face scaled up, smooth colour gradients and blotches, a little grain.
+
+    Not pure noise: no downscaler handles that comparably, and photos are not noise.
+    """
+    rng = np.random.default_rng(seed)
+    face = cv2.resize(draw_face(rng, "happy", 1000), (width, height), interpolation=cv2.INTER_CUBIC)
+    ramps = np.linspace(0, 1, 64, dtype=np.float32)
+    low = rng.uniform(-40, 40, 3).astype(np.float32) * ramps[None, :, None] + rng.normal(0, 8, (48, 64, 3)).astype(np.float32)
+    image = face.astype(np.float32) + cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * 3
+    return cv2.cvtColor(np.clip(image, 0, 255).astype(np.uint8), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture(scope="module")
+def large_jpeg() -> bytes:
+    return encode(photo(), ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 90))
+
+
+def full_area(data: bytes) -> np.ndarray:
+    """The reference: full-size decode, then area interpolation (the best plain downscaler)."""
+    full = cv2.imdecode(np.frombuffer(data, np.uint8), FULL)
+    return cv2.resize(full, (256, 256), interpolation=cv2.INTER_AREA)
+
+
+def abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.int16) - b.astype(np.int16))
+
+
+def test_large_jpeg_is_within_tolerance_of_full_decode_and_area(large_jpeg):
+    """The tolerance decode.py states: mean abs difference <= 1.0, max <= 48 (0-255) at 12 MP."""
+    assert read_flag("jpeg", (4000, 3000), 256) == cv2.IMREAD_REDUCED_COLOR_8
+    diff = abs_diff(decode_image(large_jpeg), full_area(large_jpeg))
+    assert diff.mean() <= 1.0 and diff.max() <= 48, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("width, height, flag", [(2000, 1500, cv2.IMREAD_REDUCED_COLOR_4), (1000, 750, cv2.IMREAD_REDUCED_COLOR_2)])
+def test_smaller_reductions_are_no_further_from_area_than_full_linear(large_jpeg, width, height, flag):
+    assert read_flag("jpeg", (width, height), 256) == flag
+    rgb = cv2.resize(cv2.imdecode(np.frombuffer(large_jpeg, np.uint8), FULL), (width, height), interpolation=cv2.INTER_AREA)
+    data = encode(rgb, ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 90))
+    reference = full_area(data)
+    full_linear = cv2.resize(cv2.imdecode(np.frombuffer(data, np.uint8), FULL), (256, 256), interpolation=cv2.INTER_LINEAR)
+    assert abs_diff(decode_image(data), reference).mean() <= abs_diff(full_linear, reference).mean()
+
+
+def corners(width: int, height: int) -> np.ndarray:
+    """Four colours in four quadrants: every one of EXIF's 8 orientations gives a different picture."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[: height // 2, : width // 2] = (255, 0, 0)
+    image[: height // 2, width // 2 :] = (0, 255, 0)
+    image[height // 2 :, : width // 2] = (0, 0, 255)
+    return image
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 5, 6, 8])
+def test_exif_rotated_large_jpeg_matches_full_decode(orientation):
+    """A reduced decode ends in the same orientation as a full one, and as Pillow's exif_transpose."""
+    from PIL import Image, ImageOps
+    import io
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(corners(2560, 2048)).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    data = buf.getvalue()
+    assert read_flag("jpeg", (2560, 2048), 256) == cv2.IMREAD_REDUCED_COLOR_8
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    expected = cv2.resize(upright, (256, 256), interpolation=cv2.INTER_AREA)
+    image = decode_image(data)
+    assert abs_diff(image, full_area(data)).mean() < 2
+    assert abs_diff(image, expected).mean() < 2
+    assert abs_diff(image, cv2.resize(corners(2560, 2048), (256, 256))).mean() > 40  # the tag did change the picture
+
+
+@pytest.mark.parametrize("mode", ["RGB", "CMYK"])
+def test_large_jpeg_colour_order(mode):
+    """Reduced modes decode BGR (CMYK too); red must still land in channel 0."""
+    from PIL import Image
+    import io
+
+    big = cv2.resize(RED_LEFT, (3000, 2048), interpolation=cv2.INTER_NEAREST)
+    buf = io.BytesIO()
+    Image.fromarray(big).convert(mode).save(buf, "JPEG", quality=95)
+    assert read_flag("jpeg", (3000, 2048), 256) == cv2.IMREAD_REDUCED_COLOR_8
+    assert_red_left(decode_image(buf.getvalue()), tolerance=60 if mode == "CMYK" else 40)
+
+
+@pytest.mark.parametrize(
+    "fmt, dims, flag",
+    [
+        ("jpeg", (511, 4000), FULL),  # one side under 2x: full decode
+        ("jpeg", (512, 512), cv2.IMREAD_REDUCED_COLOR_2),
+        ("jpeg", (1024, 1023), cv2.IMREAD_REDUCED_COLOR_2),
+        ("jpeg", (3000, 1024), cv2.IMREAD_REDUCED_COLOR_4),
+        ("jpeg", (2048, 2048), cv2.IMREAD_REDUCED_COLOR_8),
+        ("png", (4000, 3000), FULL),  # only JPEG decoders reduce in the DCT domain
+    ],
+)
+def test_reduction_factor_choice(fmt, dims, flag):
+    assert read_flag(fmt, dims, 256) == flag
+
+
+def test_small_jpeg_takes_the_full_path():
+    rgb = photo(500, 400)
+    data = encode(rgb, ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 90))
+    full = cv2.resize(cv2.imdecode(np.frombuffer(data, np.uint8), FULL), (256, 256), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(decode_image(data), full)
