@@ -46,28 +46,30 @@ def _add_make_data(sub) -> None:
 
 def _add_score(sub) -> None:
     p = sub.add_parser("score", help="score images to Parquet, one row per input")
-    p.add_argument("--model", help="a .keras file or run directory (default: latest runs/*/model.keras)")
+    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras by time)")
     p.add_argument("--input", action="append", help="image file, folder, s3:// prefix or .tar/.tar.gz/.zip; repeatable")
     p.add_argument("--output", help="folder or s3:// prefix for the Parquet files (required)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call")
-    p.add_argument("--concurrency", type=int, default=0, help="model replicas (default: fit the cluster)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per model replica")
-    p.add_argument("--threshold", type=float, default=0.5, help="score at or above it is 'sad'")
-    p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per Parquet file (what a kill can lose)")
+    p.add_argument("--concurrency", type=int, default=0, help="most model replicas (default: as many as the cluster grows to)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per model replica; decoding runs on every CPU")
+    p.add_argument("--threshold", type=float, help="score at or above it is 'sad' (default: the model's model.json, else 0.5)")
+    p.add_argument("--rows-per-file", type=int, default=10_000, help="most rows per Parquet file (what a kill can lose)")
+    p.add_argument("--max-file-mb", type=int, default=64, help="larger files and members are 'too_large', never read")
 
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="print path, label, score for a few images (no Ray)")
-    p.add_argument("--model", help="a .keras file or run directory (default: latest runs/*/model.keras)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras)")
+    p.add_argument("--threshold", type=float, help="default: the model's model.json, else 0.5")
     p.add_argument("images", nargs="+", metavar="IMAGE")
 
 
 def _predict(args) -> None:
     from happysad.decode import DecodeError, decode_image
-    from happysad.score import load_scoring_model, resolve_model
+    from happysad.score import load_keras_model, open_model
 
-    model, _ = load_scoring_model(resolve_model(args.model or ""))
+    model = open_model(args.model or "", args.threshold)
+    keras_model = load_keras_model(model.uri)
     for path in args.images:
         try:
             with open(path, "rb") as f:
@@ -78,8 +80,8 @@ def _predict(args) -> None:
         except DecodeError as exc:
             print(f"{path}\terror\t{exc.reason}")
             continue
-        score = float(model(image[None], training=False).numpy()[0, 0])
-        print(f"{path}\t{'sad' if score >= args.threshold else 'happy'}\t{score:.6f}")
+        score = float(keras_model.predict_on_batch(image[None])[0, 0])
+        print(f"{path}\t{'sad' if score >= model.threshold else 'happy'}\t{score:.6f}")
 
 
 def build_parser() -> argparse.ArgumentParser:

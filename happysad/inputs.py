@@ -132,14 +132,18 @@ def read_files(batch: dict, max_bytes: int) -> dict:
     return batch | {"bytes": data, "error": errors}
 
 
-def read_archive(batch: dict, max_bytes: int, done: np.ndarray) -> object:
+def read_archive(batch: dict, max_bytes: int, done) -> object:
     """Rows for the members of one archive (a batch of one), yielded in bounded blocks.
 
     Members whose path hash is in `done` are skipped. A damaged member gets its
     own `read_failed` row and the rest is still read; damage that stops the
     archive from being read further adds one `read_failed` row for the archive
-    itself; an archive with no members gets one row, error `empty`.
+    itself; an archive with no members gets one row, error `empty`. `done` is
+    a sorted array of path hashes, or a Ray reference to one (shared by all tasks).
     """
+    import ray
+
+    done = ray.get(done) if isinstance(done, ray.ObjectRef) else done
     (uri,) = batch["path"]
     block, block_bytes, members = [], 0, 0
     try:

@@ -1,32 +1,47 @@
-"""Batch scoring on Ray Data: inputs -> read -> decode + model replicas -> Parquet, one row per input.
+"""Batch scoring on Ray Data: inputs -> read -> decode -> model replicas -> Parquet, one row per input.
+
+Placement. On CPUs, one replica class reads, decodes and predicts each batch
+(two calls at a time, each in its own thread): on a small box that beats a
+separate decode stage, whose decoded images (196 KB each) would cross the
+object store (FIELD_NOTES). With --gpu, reading and decoding are CPU tasks
+spread over every CPU of the cluster, and the GPU replicas only predict: one
+GPU runs the model far faster than one core decodes.
 
 Atomic, resumable output: Ray writes Parquet into a hidden staging folder of
 this attempt (`OUTPUT/.staging-<id>/`, which Parquet readers skip), and each
 finished file is moved into OUTPUT when the run ends. A rerun with the same
 arguments first adopts the complete files a killed attempt left in staging
-(a half-written one has no Parquet footer and is removed), then scores only
-the inputs that no output row names yet.
+(a half-written one has no Parquet footer and is removed), drops the rows
+that failed to read (`read_failed`: often a passing S3 error) so they are
+tried again, then scores only the inputs that no output row names yet. One
+run at a time holds OUTPUT/.lock.
 """
 
 from __future__ import annotations
 
+import glob
+import io
+import json
 import logging
 import os
+import posixpath
+import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from happysad import inputs, storage
+from happysad import inputs, lock, storage
 from happysad.decode import DecodeError, decode_image
+from happysad.model import IMAGE_SIZE, check_model_file, file_digest
 from happysad.storage import UsageError
 
 log = logging.getLogger(__name__)
@@ -41,38 +56,46 @@ FILES_PER_BLOCK = 640  # most paths per block: whole model batches, few small fi
 class ScoreConfig:
     inputs: tuple[str, ...] = ()  # files, folders, s3:// prefixes, .tar/.tar.gz/.zip archives
     output: str = ""  # folder (local or s3://) of Parquet files
-    model: str = ""  # a .keras file or a run directory; empty = the latest run under runs/
+    model: str = ""  # a .keras file or a run directory; empty = the newest run under runs/
     batch_size: int = 64  # images per model call
-    concurrency: int = 0  # model replicas; 0 = fit the cluster, leaving a CPU for reading
+    concurrency: int = 0  # most model replicas; 0 = as many as the cluster grows to
     gpu: bool = False  # one GPU per replica
-    threshold: float = 0.5  # score at or above it is "sad"
-    rows_per_file: int = 10_000  # Parquet rows per output file: also how much a kill can lose
+    threshold: float | None = None  # score at or above it is "sad"; None = the model's (model.json), else 0.5
+    rows_per_file: int = 10_000  # most Parquet rows per output file: also the most a kill can lose
+    max_file_mb: int = 64  # a file or member larger than this is `too_large`, never read
 
     def __post_init__(self):
         if not self.inputs:
             raise UsageError("--input is required (a file, folder, s3:// prefix or archive)")
         if not self.output:
             raise UsageError("--output is required (a folder or s3:// prefix)")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size {self.batch_size} must be >= 1")
+        for flag, value in (("--batch-size", self.batch_size), ("--rows-per-file", self.rows_per_file), ("--max-file-mb", self.max_file_mb)):
+            if value < 1:
+                raise UsageError(f"{flag} {value} must be >= 1")
         if self.concurrency < 0:
             raise UsageError(f"--concurrency {self.concurrency} must be >= 0")
-        if self.rows_per_file < 1:
-            raise UsageError(f"--rows-per-file {self.rows_per_file} must be >= 1")
-        if not 0 <= self.threshold <= 1:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise UsageError(f"--threshold {self.threshold} must be within [0, 1]")
 
+    @property
+    def max_bytes(self) -> int:
+        return self.max_file_mb << 20
+
+
+@dataclass(frozen=True)
+class Model:
+    uri: str  # the .keras file
+    id: str  # first 16 hex digits of its sha256
+    threshold: float  # from model.json beside it, else 0.5
 
 
 def resolve_model(uri: str) -> str:
-    """The .keras file a --model value names: a file, a run directory, or the latest local run."""
+    """The .keras file a --model value names: a file, a run directory, or the newest local run."""
     if not uri:
-        runs = sorted(p for p in (os.listdir("runs") if os.path.isdir("runs") else []) if not p.startswith("."))
-        candidates = [os.path.join("runs", r, "model.keras") for r in reversed(runs)]
-        found = next((c for c in candidates if os.path.isfile(c)), None)
-        if found is None:
+        runs = glob.glob(os.path.join("runs", "*", "model.keras"))
+        if not runs:
             raise UsageError("--model not given and no runs/*/model.keras here: train first or pass --model")
-        return os.path.abspath(found)
+        return os.path.abspath(max(runs, key=os.path.getmtime))  # newest by modification time
     kind = storage.file_type(uri)
     if kind == pafs.FileType.Directory:
         uri = storage.join(uri, "model.keras")
@@ -82,78 +105,122 @@ def resolve_model(uri: str) -> str:
     return uri if storage.is_s3(uri) else storage.filesystem(uri)[1]
 
 
-def load_scoring_model(uri: str):
-    """(keras model, model id) from a local or s3:// .keras file; safe_mode, no optimizer."""
-    from happysad.model import file_digest, load_model
-
+def open_model(flag_value: str, threshold: float | None = None) -> Model:
+    """Find, check and identify the model in the driver, without Keras: a bad --model fails here, at once."""
+    uri = resolve_model(flag_value)
     data = storage.read_bytes(uri)
+    check_model_file(data, flag_value or uri)
+    if threshold is None:
+        threshold = stored_threshold(uri)
+    return Model(uri, file_digest(data), threshold)
+
+
+def stored_threshold(model_uri: str) -> float:
+    """The decision threshold saved beside the model (model.json), else 0.5."""
+    parent = posixpath.dirname(model_uri) if storage.is_s3(model_uri) else os.path.dirname(model_uri)
+    try:
+        return float(json.loads(storage.read_bytes(storage.join(parent, "model.json")))["threshold"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0.5
+
+
+def load_keras_model(uri: str):
+    """The Keras model in a local or s3:// .keras file; safe_mode, no optimizer."""
+    from happysad.model import load_model
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.keras")
         with open(path, "wb") as f:
-            f.write(data)
-        return load_model(path), file_digest(data)
+            f.write(storage.read_bytes(uri))
+        return load_model(path)
 
 
-class Scorer:
-    """Decodes and scores batches of {path, bytes, error}; loads the model once per replica."""
+def decode_batch(batch: dict, max_bytes: int) -> dict:
+    """Read what is not read yet, decode: {path, image (n, 256, 256, 3) uint8, error}."""
+    batch = inputs.read_files(batch, max_bytes)
+    errors = batch["error"]
+    images = np.zeros((len(errors), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for i, data in enumerate(batch["bytes"]):
+        if errors[i]:
+            continue
+        try:
+            images[i] = decode_image(data)
+        except DecodeError as exc:
+            errors[i] = exc.reason
+    return {"path": list(batch["path"]), "image": images, "error": errors}
 
-    def __init__(self, model_uri: str, threshold: float):
-        import tensorflow as tf
 
-        model, self.model_id = load_scoring_model(model_uri)
-        self.threshold = threshold
-        self.predict = tf.function(lambda x: model(x, training=False))
+class Replica:
+    """A model replica: predicts decoded batches, and decodes first when given undecoded rows (CPU placement).
+
+    The model is called through Keras only, so any Keras backend scores (TensorFlow,
+    JAX, torch). Batches are padded to one fixed size: one trace, one compilation.
+    """
+
+    def __init__(self, model: Model, batch_size: int, max_bytes: int):
+        import cv2
+
+        cv2.setNumThreads(1)  # decode threads run in parallel (cv2 releases the GIL); no nested pools
+        self.model, self.batch_size, self.max_bytes = model, batch_size, max_bytes
+        self.keras_model = load_keras_model(model.uri)
+        self._predict(np.zeros((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # compile before data arrives
+
+    def _predict(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)
+        scores = []
+        for start in range(0, n, self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            padded[: len(chunk)] = chunk
+            scores.append(np.asarray(self.keras_model.predict_on_batch(padded))[: len(chunk), 0])
+        return np.concatenate(scores).astype(np.float32) if scores else np.empty(0, np.float32)
 
     def __call__(self, batch: dict) -> pa.Table:
-        n = len(batch["path"])
-        # An all-null error column can arrive as float NaN: only strings are errors.
-        errors = [e if isinstance(e, str) else None for e in batch["error"]]
-        images, good = [], []
-        for i, data in enumerate(batch["bytes"]):
-            if errors[i]:
-                continue
-            try:
-                images.append(decode_image(data))
-                good.append(i)
-            except DecodeError as exc:
-                errors[i] = exc.reason
-        scores = np.full(n, np.nan, np.float32)
-        if images:
-            scores[good] = self.predict(np.stack(images)).numpy()[:, 0]
-        ok = np.zeros(n, bool)
-        ok[good] = True
-        labels = np.where(scores >= self.threshold, "sad", "happy")
+        if "image" not in batch:
+            batch = decode_batch(batch, self.max_bytes)
+        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
+        ok = np.array([e is None for e in errors], bool)
+        scores = np.full(len(errors), np.nan, np.float32)
+        if ok.any():
+            scores[ok] = self._predict(batch["image"][ok])
+        labels = np.where(scores >= self.model.threshold, "sad", "happy")
         return pa.table(
             {
                 "path": list(batch["path"]),
                 "score": pa.array(scores, pa.float32(), mask=~ok),
-                "label": pa.array([labels[i] if ok[i] else None for i in range(n)], pa.string()),
+                "label": pa.array(labels, pa.string(), mask=~ok),
                 "error": pa.array(errors, pa.string()),
-                "model": [self.model_id] * n,
+                "model": [self.model.id] * len(errors),
             },
             schema=SCHEMA,
         )
 
 
-def _finish_staged(output: str) -> None:
-    """Move complete Parquet files out of every staging folder; drop half-written ones."""
+# --- output folder: staging, resume, summary -------------------------------------------------
+
+
+def _finish_staged(output: str) -> int:
+    """Move complete Parquet files out of every staging folder, drop half-written ones; rows moved."""
     fs, root = storage.filesystem(output)
+    moved = 0
     for entry in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if entry.type != pafs.FileType.Directory or not entry.base_name.startswith(".staging-"):
             continue
         for f in fs.get_file_info(pafs.FileSelector(entry.path, recursive=True)):
-            if f.is_file and f.base_name.endswith(".parquet") and _is_complete_parquet(fs, f.path):
+            rows = _complete_parquet_rows(fs, f.path) if f.is_file and f.base_name.endswith(".parquet") else None
+            if rows is not None:
                 fs.move(f.path, f"{root}/{f.base_name}")
+                moved += rows
         fs.delete_dir(entry.path)
+    return moved
 
 
-def _is_complete_parquet(fs, path: str) -> bool:
+def _complete_parquet_rows(fs, path: str) -> int | None:
     try:
         with fs.open_input_file(path) as f:
-            pq.read_metadata(f)
-        return True
+            return pq.read_metadata(f).num_rows
     except (OSError, pa.ArrowInvalid):
-        return False
+        return None
 
 
 def _output_files(output: str) -> pads.Dataset | None:
@@ -164,81 +231,123 @@ def _output_files(output: str) -> pads.Dataset | None:
     return dataset if dataset.files else None
 
 
-def _done_paths(output: str) -> frozenset:
+def _retire_read_failed(output: str) -> int:
+    """Rewrite each output file without its `read_failed` rows, so a rerun tries those inputs again."""
+    dataset = _output_files(output)
+    fs, _ = storage.filesystem(output)
+    retired = 0
+    for fragment in dataset.get_fragments() if dataset else []:
+        table = fragment.to_table(schema=SCHEMA)
+        failed = pc.fill_null(pc.equal(table["error"], "read_failed"), False)
+        count = pc.sum(failed).as_py() or 0
+        if not count:
+            continue
+        kept = table.filter(pc.invert(failed))
+        if kept.num_rows:
+            buffer = io.BytesIO()
+            pq.write_table(kept, buffer)
+            storage.write_bytes(storage.to_uri(fragment.path, output), buffer.getvalue())
+        else:
+            fs.delete_file(fragment.path)
+        retired += count
+    return retired
+
+
+def _done_hashes(output: str) -> np.ndarray:
+    """Sorted 64-bit hashes of every path with a row: 8 bytes a row, however long the paths."""
+    dataset = _output_files(output)
+    chunks = [inputs.path_hashes(b.column(0).to_pylist()) for b in dataset.to_batches(columns=["path"])] if dataset else []
+    return np.unique(np.concatenate(chunks)) if chunks else np.empty(0, np.uint64)
+
+
+def _summary(output: str) -> tuple[int, dict]:
     dataset = _output_files(output)
     if dataset is None:
-        return frozenset()
-    return frozenset(p for batch in dataset.to_batches(columns=["path"]) for p in batch.column(0).to_pylist())
+        return 0, {}
+    errors = dataset.to_table(columns=["error"]).column(0)
+    counts = pc.value_counts(errors.drop_null()).to_pylist()
+    return len(errors), {c["values"]: c["counts"] for c in counts}
 
 
-def _summary(output: str) -> tuple[int, Counter]:
-    rows, errors = 0, Counter()
-    dataset = _output_files(output)
-    for batch in dataset.to_batches(columns=["error"]) if dataset else []:
-        rows += batch.num_rows
-        errors.update(e for e in batch.column(0).to_pylist() if e)
-    return rows, errors
+# --- the pipeline ------------------------------------------------------------------------------
 
 
-def _replicas(config: ScoreConfig) -> int:
-    if config.concurrency:
-        return config.concurrency
-    resources = ray.cluster_resources()
-    if config.gpu:
-        return max(1, int(resources.get("GPU", 1)))
-    return max(1, int(resources.get("CPU", 2)) - 1)  # a pool on every CPU starves the readers and hangs
+def _replica_pool(config: ScoreConfig) -> ray.data.ActorPoolStrategy:
+    """From one replica up to --concurrency, or as many as the cluster grows to: nodes that join are used."""
+    threads = {} if config.gpu else {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=config.concurrency or None, **threads)
 
 
-def build_pipeline(config: ScoreConfig, model_uri: str, files: list[str], archives: list[str], done: frozenset):
+def _file_blocks(n: int, config: ScoreConfig) -> int:
+    """Whole model batches per block, at most FILES_PER_BLOCK and --rows-per-file paths, and at
+    least four blocks per CPU when there are enough files: block count is decode parallelism."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_block = min(FILES_PER_BLOCK, config.rows_per_file, max(config.batch_size, n // (4 * cpus)))
+    return max(1, -(-n // per_block))
+
+
+def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.ndarray):
     parts = []
-    todo = [f for f in files if f not in done]
-    if todo:
-        # Each input block becomes one output file: the block size is also what a kill can lose.
-        blocks = -(-len(todo) // min(FILES_PER_BLOCK, config.rows_per_file))
-        paths = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
-        parts.append(paths.map_batches(inputs.read_files, batch_size=config.batch_size))
+    files = found.files.filter(pa.array(~inputs.done_mask(done, inputs.path_hashes(found.files["path"].to_pylist()))))
+    if files.num_rows:
+        parts.append(ray.data.from_arrow(files).repartition(_file_blocks(files.num_rows, config)))
+    # An archive with a row of its own (`empty`) is done; one whose read failed had that row retired.
+    archives = [a.uri for a in found.archives if not inputs.done_mask(done, inputs.path_hashes([a.uri]))[0]]
     if archives:
         listed = ray.data.from_items([{"path": a} for a in archives], override_num_blocks=len(archives))
-        parts.append(listed.flat_map(inputs.read_archive, fn_kwargs={"done": done}))
+        done_ref = ray.put(done)  # one shared copy in the object store, not one per task
+        parts.append(
+            listed.map_batches(
+                inputs.read_archive, batch_size=1, fn_kwargs={"max_bytes": config.max_bytes, "done": done_ref}
+            )
+        )
     if not parts:
         return None
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if config.gpu:  # decode on every CPU of the cluster; replicas only predict
+        ds = ds.map_batches(decode_batch, fn_kwargs={"max_bytes": config.max_bytes}, batch_size=config.batch_size, num_cpus=1)
+    backend = {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ}  # workers inherit the raylet's env, not ours
     return ds.map_batches(
-        Scorer,
-        fn_constructor_kwargs={"model_uri": model_uri, "threshold": config.threshold},
+        Replica,
+        fn_constructor_kwargs={"model": model, "batch_size": config.batch_size, "max_bytes": config.max_bytes},
         batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=_replicas(config)),
+        compute=_replica_pool(config),
         num_gpus=1 if config.gpu else 0,
         num_cpus=0 if config.gpu else 1,
+        runtime_env={"env_vars": backend} if backend else None,
     )
 
 
 def run(config: ScoreConfig) -> dict:
     """Score every input not yet in --output; print and return a summary."""
-    model_uri = resolve_model(config.model)
-    files, archives = inputs.expand(list(config.inputs))
+    model = open_model(config.model, config.threshold)
+    found = inputs.expand(list(config.inputs), config.output)
     started = time.perf_counter()
-    _finish_staged(config.output)
-    done = _done_paths(config.output)
-    rows_before = len(done)
-    pipeline = build_pipeline(config, model_uri, files, archives, done)
-    if pipeline is not None:
-        staging = storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}")
-        fs, staging_path = storage.filesystem(staging)
-        pipeline.write_parquet(staging_path, filesystem=fs, min_rows_per_file=config.rows_per_file)
+    with lock.held(storage.join(config.output, ".lock"), "--output", config.output):
         _finish_staged(config.output)
+        _retire_read_failed(config.output)
+        pipeline = build_pipeline(config, model, found, _done_hashes(config.output))
+        new_rows = 0
+        if pipeline is not None:
+            staging = storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}")
+            fs, staging_path = storage.filesystem(staging)
+            pipeline.write_parquet(staging_path, filesystem=fs, max_rows_per_file=config.rows_per_file)
+            new_rows = _finish_staged(config.output)
     seconds = time.perf_counter() - started
     rows, errors = _summary(config.output)
     summary = {
         "rows": rows,
-        "new_rows": rows - rows_before,
-        "errors": dict(errors),
-        "images_per_second": (rows - rows_before) / seconds,
+        "new_rows": new_rows,
+        "errors": errors,
+        "hidden_skipped": found.hidden,
+        "images_per_second": new_rows / seconds,
         "output": config.output,
     }
+    hidden = f"; {found.hidden} hidden files skipped" if found.hidden else ""
     print(
-        f"scored {summary['new_rows']} inputs ({rows} rows in all) at {summary['images_per_second']:.1f} img/s; "
-        f"errors: {dict(errors) or 'none'}; output: {config.output}",
+        f"scored {new_rows} inputs ({rows} rows in all) at {summary['images_per_second']:.1f} img/s; "
+        f"errors: {errors or 'none'}{hidden}; output: {config.output}",
+        file=sys.stdout,
         flush=True,
     )
     return summary

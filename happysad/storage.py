@@ -195,9 +195,41 @@ def write_bytes(uri: str, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
     except BaseException:
         os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def delete(uri: str) -> None:
+    """Delete one file or object; a missing one is fine."""
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def s3_put_if_absent(uri: str, data: bytes) -> bool:
+    """PUT an object only if none exists at `uri` (S3 conditional write); False if one does."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    client = boto3.client("s3", endpoint_url=s3_endpoint())
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        return True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
         raise
