@@ -1,0 +1,197 @@
+"""Scoring inputs without Ray: listing, names, de-duplication, damaged and hostile archives, the lock."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import urllib.parse
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BUCKET
+from happysad import inputs, lock, storage, synth
+from happysad.storage import UsageError
+
+JPEG = next(s.data for s in (synth.sample(5, i) for i in range(10)) if s.extension == "jpg")
+NO_DONE = np.empty(0, np.uint64)
+
+
+def archive_rows(uri: str, max_bytes: int = 64 << 20, done=NO_DONE) -> list[dict]:
+    rows = []
+    for block in inputs.read_archive({"path": [uri]}, max_bytes, done):
+        rows += block.to_pylist()
+    return rows
+
+
+def errors_by_path(rows: list[dict]) -> dict:
+    return {r["path"]: r["error"] for r in rows}
+
+
+def test_non_utf8_names_are_listed_losslessly(tmp_path):
+    raw = os.fsencode(str(tmp_path)) + b"/bad\xff%name.jpg"
+    with open(raw, "wb") as f:
+        f.write(JPEG)
+    found = inputs.expand([str(tmp_path)])
+    (path,) = found.files["path"].to_pylist()
+    assert path == f"{tmp_path}/bad%FF%25name.jpg"
+    assert urllib.parse.unquote_to_bytes(path) == raw
+    rows = inputs.read_files(found.files.to_pydict(), 1 << 20)
+    assert rows["bytes"] == [JPEG] and rows["error"] == [None]
+
+
+def test_overlapping_and_relative_inputs_give_each_file_once(tmp_path, monkeypatch):
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.jpg", "sub/c.jpg"):
+        (tmp_path / "photos" / name).write_bytes(JPEG)
+    monkeypatch.chdir(tmp_path)
+    found = inputs.expand(["photos", str(tmp_path / "photos" / "sub"), "photos/sub/b.jpg", "./photos/"])
+    assert found.files["path"].to_pylist() == [str(tmp_path / "photos" / n) for n in ("a.jpg", "sub/b.jpg", "sub/c.jpg")]
+
+
+def test_hidden_files_are_counted_and_the_output_folder_is_never_an_input(tmp_path):
+    (tmp_path / "in" / ".cache").mkdir(parents=True)
+    (tmp_path / "in" / "a.jpg").write_bytes(JPEG)
+    (tmp_path / "in" / "_b.jpg").write_bytes(JPEG)
+    (tmp_path / "in" / ".DS_Store").write_bytes(b"x")
+    (tmp_path / "in" / ".cache" / "t.jpg").write_bytes(JPEG)
+    (tmp_path / "in" / "scores").mkdir()
+    (tmp_path / "in" / "scores" / "part-0.parquet").write_bytes(b"PAR1")
+    found = inputs.expand([str(tmp_path / "in")], output=str(tmp_path / "in" / "scores"))
+    assert [Path(p).name for p in found.files["path"].to_pylist()] == ["_b.jpg", "a.jpg"]
+    assert found.hidden == 2
+
+
+def test_files_over_the_limit_and_non_files_get_rows_without_being_opened(tmp_path):
+    (tmp_path / "big.jpg").write_bytes(JPEG + b"\0" * 2048)
+    (tmp_path / "ok.jpg").write_bytes(JPEG)
+    os.mkfifo(tmp_path / "pipe.jpg")  # opening it would block forever
+    os.symlink(tmp_path / "missing.jpg", tmp_path / "dangling.jpg")
+    found = inputs.expand([str(tmp_path)])
+    rows = inputs.read_files(found.files.to_pydict(), max_bytes=len(JPEG) + 1)
+    assert dict(zip([Path(p).name for p in rows["path"]], rows["error"])) == {
+        "big.jpg": "too_large", "dangling.jpg": "read_failed", "ok.jpg": None, "pipe.jpg": "read_failed"
+    }
+
+
+def test_missing_input_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match=f"--input {tmp_path}/nope: no such"):
+        inputs.expand([str(tmp_path / "nope")])
+
+
+def zip_with(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_damaged_zip_members_get_their_own_rows(tmp_path):
+    data = bytearray(zip_with({"good.jpg": JPEG, "corrupt.jpg": JPEG, "locked.jpg": JPEG, "after.jpg": JPEG}))
+    corrupt = data.find(b"corrupt.jpg") + len("corrupt.jpg") + 20
+    data[corrupt : corrupt + 200] = bytes(200)  # deflate stream garbage: zlib.error
+    for start in (0, data.find(b"PK\x01\x02")):  # flag the member encrypted in its local and central headers
+        header = data.find(b"locked.jpg", start) - (30 if start == 0 else 46)
+        flags_at = header + (6 if start == 0 else 8)
+        data[flags_at] |= 1
+    path = tmp_path / "damaged.zip"
+    path.write_bytes(bytes(data))
+    rows = errors_by_path(archive_rows(str(path)))
+    assert rows == {f"{path}#good.jpg": None, f"{path}#corrupt.jpg": "read_failed", f"{path}#locked.jpg": "read_failed", f"{path}#after.jpg": None}
+
+
+def test_tar_member_names_that_are_not_utf8_and_links(tmp_path):
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("caf\udce9.jpg")  # a Latin-1 byte, as tarfile reads it from disk
+        info.size = len(JPEG)
+        tar.addfile(info, io.BytesIO(JPEG))
+        for kind, name in ((tarfile.SYMTYPE, "link.jpg"), (tarfile.LNKTYPE, "hard.jpg"), (tarfile.CHRTYPE, "dev.jpg")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "../../etc/passwd"
+            tar.addfile(info)
+        info = tarfile.TarInfo("../../escape.jpg")
+        info.size = len(JPEG)
+        tar.addfile(info, io.BytesIO(JPEG))
+    rows = archive_rows(str(path))
+    assert errors_by_path(rows) == {
+        f"{path}#caf%E9.jpg": None, f"{path}#link.jpg": "unsupported", f"{path}#hard.jpg": "unsupported",
+        f"{path}#dev.jpg": "unsupported", f"{path}#../../escape.jpg": None,
+    }
+    assert not (tmp_path.parent.parent / "escape.jpg").exists()
+
+
+def test_empty_truncated_and_garbage_archives(tmp_path):
+    with tarfile.open(tmp_path / "empty.tar", "w"):
+        pass
+    (tmp_path / "garbage.tar.gz").write_bytes(b"not a gzip at all")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in ("one.jpg", "two.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = len(JPEG)
+            tar.addfile(info, io.BytesIO(JPEG))
+    (tmp_path / "cut.tar").write_bytes(buffer.getvalue()[: 512 + len(JPEG) + 512 + 100])  # inside two.jpg's data
+    assert errors_by_path(archive_rows(str(tmp_path / "empty.tar"))) == {str(tmp_path / "empty.tar"): "empty"}
+    assert errors_by_path(archive_rows(str(tmp_path / "garbage.tar.gz"))) == {str(tmp_path / "garbage.tar.gz"): "read_failed"}
+    cut = str(tmp_path / "cut.tar")
+    assert errors_by_path(archive_rows(cut)) == {f"{cut}#one.jpg": None, f"{cut}#two.jpg": "read_failed"}
+
+
+def test_zip_bomb_member_is_too_large_without_inflating(tmp_path):
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("zeros.jpg", "w", force_zip64=True) as member:
+            chunk = bytes(1 << 20)
+            for _ in range(256):  # 256 MB of zeros, about 250 KB compressed
+                member.write(chunk)
+        archive.writestr("ok.jpg", JPEG)
+    rows = errors_by_path(archive_rows(str(path), max_bytes=1 << 20))
+    assert rows == {f"{path}#zeros.jpg": "too_large", f"{path}#ok.jpg": None}
+
+
+def test_archive_is_streamed_in_bounded_blocks_and_done_members_skipped(tmp_path):
+    path = tmp_path / "many.tar"
+    names = [f"m{i:04d}.jpg" for i in range(inputs.BLOCK_MEMBERS * 2 + 5)]
+    with tarfile.open(path, "w") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(JPEG)
+            tar.addfile(info, io.BytesIO(JPEG))
+    blocks = list(inputs.read_archive({"path": [str(path)]}, 64 << 20, NO_DONE))
+    assert max(b.num_rows for b in blocks) <= inputs.BLOCK_MEMBERS and len(blocks) >= 3
+    done = np.sort(inputs.path_hashes([f"{path}#{n}" for n in names[:-3]]))
+    assert [r["path"] for r in archive_rows(str(path), done=done)] == [f"{path}#{n}" for n in names[-3:]]
+
+
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+    uri = str(tmp_path / "out" / ".lock")
+    with lock.held(uri, "--output", "out"):
+        with pytest.raises(UsageError, match="--output out: another run"):
+            with lock.held(uri, "--output", "out"):
+                pass
+    assert not os.path.exists(uri)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Path(uri).write_text(f'{{"run": "x", "host": "{socket.gethostname()}", "pid": {dead.pid}, "heartbeat": 0}}')
+    with lock.held(uri, "--output", "out"):
+        assert '"run": "x"' not in Path(uri).read_text()
+
+
+def test_s3_lock_is_an_exclusive_create(s3_server):
+    uri = f"s3://{BUCKET}/locks/.lock"
+    assert storage.s3_put_if_absent(uri, b"one")
+    assert not storage.s3_put_if_absent(uri, b"two")
+    assert storage.read_bytes(uri) == b"one"
+    storage.delete(uri)
+    with lock.held(uri, "--output", "s3"):
+        assert b'"pid"' in storage.read_bytes(uri)
+        with pytest.raises(UsageError, match="--output s3: another run"):
+            with lock.held(uri, "--output", "s3"):
+                pass
+    assert storage.s3_put_if_absent(uri, b"x")  # released: the object was deleted
