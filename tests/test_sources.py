@@ -1,23 +1,32 @@
 """sources and storage on local disk and on a real S3-protocol server; the hash split."""
 
+import io
+import os
 import shutil
+import tarfile
 
 import pytest
 
-from conftest import BUCKET, upload_tree
+from conftest import BUCKET, run_cli, upload_tree
 from happysad import sources, storage, synth
 from happysad.decode import header_size, sniff_format
 from happysad.split import split_of
 from happysad.storage import UsageError
 
 
-def rows_by_key(ds, root_uri: str) -> dict:
+def rows_of(uris: list[str]) -> list[dict]:
+    ds, skipped = sources.labelled_images(uris)
+    assert skipped == {}
+    return ds.take_all()
+
+
+def rows_by_key(uri: str) -> dict:
     """{path relative to the root URI: (bytes, label)}: comparable across local and S3."""
-    return {r["path"][len(root_uri):].lstrip("/"): (r["bytes"], r["label"]) for r in ds.take_all()}
+    return {r["path"][len(uri):].lstrip("/"): (r["bytes"], r["label"]) for r in rows_of([uri])}
 
 
 def test_class_folders_give_path_bytes_label(ray_session, tiny_folders):
-    rows = sources.labelled_images([str(tiny_folders)]).take_all()
+    rows = rows_of([str(tiny_folders)])
     assert len(rows) == 24
     for row in rows:
         assert row["label"] in ("happy", "sad")
@@ -26,52 +35,84 @@ def test_class_folders_give_path_bytes_label(ray_session, tiny_folders):
             assert f.read() == row["bytes"]
 
 
-def test_hidden_files_skipped_and_nested_folders_searched(ray_session, tiny_folders, tmp_path):
+def test_every_file_is_a_row_or_counted(ray_session, tiny_folders, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(tiny_folders, root)
     nested = root / "happy" / "more" / "deeper"
     nested.mkdir(parents=True)
-    shutil.copy(next((root / "happy").glob("*.jpg")), nested / "copy.JPG")
+    face = next((root / "happy").glob("*.jpg"))
+    shutil.copy(face, nested / "copy.JPG")
+    shutil.copy(face, root / "happy" / "_IMG_0001.jpg")  # Ray's own listing drops names starting with _
+    (root / "happy" / "_export").mkdir()
+    shutil.copy(face, root / "happy" / "_export" / "b.jpg")
+    with open(os.fsencode(str(root / "sad")) + b"/caf\xe9.jpg", "wb") as f:  # not UTF-8
+        f.write(face.read_bytes())
     (root / "happy" / ".DS_Store").write_bytes(b"junk")
     (root / "sad" / ".cache").mkdir()
     (root / "sad" / ".cache" / "thumb.jpg").write_bytes(b"junk")
     (nested / ".hidden.jpg").write_bytes(b"junk")
-    rows = sources.labelled_images([str(root)]).take_all()
-    paths = [r["path"] for r in rows]
-    assert len(rows) == 25
-    assert str(nested / "copy.JPG") in paths
+    (root / "README.txt").write_text("not in a class folder")
+    ds, skipped = sources.labelled_images([str(root)])
+    rows = ds.take_all()
+    paths = {r["path"]: r for r in rows}
+    assert len(rows) == 24 + 4 and skipped == {"hidden": 3, "no_label": 1}
+    for name in (nested / "copy.JPG", root / "happy" / "_IMG_0001.jpg", root / "happy" / "_export" / "b.jpg"):
+        assert paths[str(name)]["label"] == "happy" and paths[str(name)]["bytes"] == face.read_bytes()
+    assert paths[f"{root}/sad/caf%E9.jpg"]["label"] == "sad"
+    assert all(r["error"] is None for r in rows)
     assert not any("/." in p for p in paths)
 
 
+def test_empty_class_folders_are_a_usage_error(ray_session, tmp_path):
+    (tmp_path / "happy").mkdir()
+    (tmp_path / "sad").mkdir()
+    result = run_cli("train", "--data", str(tmp_path), "--epochs", "1")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and f"--data {tmp_path}: no files under happy/ or sad/" in result.stderr
+
+
+def test_webdataset_suffixes_match_in_any_case(ray_session, tmp_path):
+    face = synth.sample(3, 0)
+    with tarfile.open(tmp_path / "upper.tar", "w") as tar:
+        for name, data in (("k1.JPG", face.data), ("k1.CLS", face.label.encode()), ("k2.Png", face.data), ("k2.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    rows = sorted(rows_of([str(tmp_path)]), key=lambda r: r["path"])
+    assert [r["path"].split("#")[1] for r in rows] == ["k1.JPG", "k2.Png"]
+    assert [r["label"] for r in rows] == [face.label, "sad"] and all(r["bytes"] == face.data for r in rows)
+
+
 def test_webdataset_shards(ray_session, tiny_shards, tiny_folders):
-    rows = sources.labelled_images([str(tiny_shards)]).take_all()
-    from_folders = {r["bytes"]: r["label"] for r in sources.labelled_images([str(tiny_folders)]).take_all()}
+    rows = rows_of([str(tiny_shards)])
+    from_folders = {r["bytes"]: r["label"] for r in rows_of([str(tiny_folders)])}
     assert len(rows) == 24
     assert {r["bytes"]: r["label"] for r in rows} == from_folders
     assert all(".tar#" in r["path"] for r in rows)
 
 
 def test_several_uris_are_combined(ray_session, tiny_shards, tiny_folders):
-    assert sources.labelled_images([str(tiny_folders), str(tiny_shards)]).count() == 48
+    assert len(rows_of([str(tiny_folders), str(tiny_shards)])) == 48
 
 
 def test_s3_rows_equal_local_rows(ray_session, s3, tiny_folders, tiny_shards):
     folders_uri = upload_tree(s3, tiny_folders, "sources/folders")
     shards_uri = upload_tree(s3, tiny_shards, "sources/shards")
     for local, remote in ((tiny_folders, folders_uri), (tiny_shards, shards_uri)):
-        local_rows = rows_by_key(sources.labelled_images([str(local)]), str(local))
-        s3_rows = rows_by_key(sources.labelled_images([remote]), remote)
+        local_rows = rows_by_key(str(local))
+        s3_rows = rows_by_key(remote)
         assert len(s3_rows) == 24
         assert s3_rows == local_rows
-    assert all(r["path"].startswith(f"s3://{BUCKET}/") for r in sources.labelled_images([shards_uri]).take(3))
+    assert all(r["path"].startswith(f"s3://{BUCKET}/") for r in rows_of([shards_uri]))
 
 
 def test_unusable_uris_fail_before_work_naming_the_uri(ray_session, tmp_path, s3):
     (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "tom.jpg").write_text("x")
     (tmp_path / "notes.txt").write_text("x")
     cases = {
         str(tmp_path / "missing"): "no such folder",
-        str(tmp_path): "no happy/ or sad/ folder and no .tar shards (found: cats/, notes.txt)",
+        str(tmp_path): "no files under happy/ or sad/ and no .tar shards (found: cats, notes.txt)",
         str(tmp_path / "notes.txt"): "is a file",
         f"s3://{BUCKET}/no/such/prefix": "no such folder",
     }
