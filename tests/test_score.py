@@ -2,7 +2,9 @@
 
 import hashlib
 import io
+import os
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -178,7 +180,22 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(ray_session, model_file
     paths = [r["path"] for r in rows]
     assert len(paths) == 400 and len(set(paths)) == 400
     assert not list(output.glob(".staging-*"))
+    assert max(pq.read_metadata(f).num_rows for f in output.glob("*.parquet")) <= 16  # --rows-per-file is a bound
     assert "scored" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def lambda_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A .keras file with a Lambda layer that would create a marker file if its code ever ran."""
+    import keras
+
+    root = tmp_path_factory.mktemp("lambda")
+    marker = root / "lambda-ran"
+    touch = eval(f"lambda x: (open({str(marker)!r}, 'w').close(), x)[1]")  # no closure: Keras saves the bytecode
+    model = keras.Sequential([keras.Input((256, 256, 3)), keras.layers.Lambda(touch)])
+    model.save(root / "model.keras")
+    marker.unlink(missing_ok=True)  # building the model ran it once, here
+    return root / "model.keras", marker
 
 
 @pytest.mark.parametrize(
@@ -188,12 +205,98 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(ray_session, model_file
         (["--input", "/no/such/place", "--output", "x", "--model", "MODEL"], "/no/such/place"),
         (["--input", ".", "--output", "x", "--model", "/no/model.keras"], "/no/model.keras"),
         (["--input", ".", "--output", "x", "--batch-size", "0"], "--batch-size"),
+        (["--input", ".", "--output", "x", "--model", "CORRUPT"], "--model CORRUPT"),
+        (["--input", ".", "--output", "x", "--model", "LAMBDA"], "layer 'Lambda' is not part of the happysad CNN"),
     ],
 )
-def test_bad_arguments_exit_2(args, named, model_file):
-    result = run_cli("score", *[str(model_file) if a == "MODEL" else a for a in args])
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
+def test_bad_arguments_exit_2_at_once(args, named, model_file, lambda_model, tmp_path):
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(model_file.read_bytes()[:5000])
+    values = {"MODEL": str(model_file), "CORRUPT": str(corrupt), "LAMBDA": str(lambda_model[0])}
+    started = time.monotonic()
+    result = run_cli("score", *[values.get(a, a) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and named.replace("CORRUPT", str(corrupt)) in result.stderr
+    assert time.monotonic() - started < 30  # refused in the driver, before any Ray work
+    assert not lambda_model[1].exists()
+
+
+def test_predict_refuses_a_lambda_model_without_running_it(lambda_model, mixed_inputs):
+    root, _ = mixed_inputs
+    result = run_cli("predict", "--model", str(lambda_model[0]), str(root / "single.png"))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "Lambda" in result.stderr
+    assert not lambda_model[1].exists()
+
+
+def test_inputs_are_resolved_deduplicated_and_failed_reads_retried(ray_session, model_file, tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    images = good_images(3, seed=31)
+    for (name, data), where in zip(images.items(), ("", "sub/", "sub/")):
+        (photos / f"{where}{name}").write_bytes(data)
+    later = photos / "later.jpg"
+    later.symlink_to(tmp_path / "not-yet.jpg")  # dangling: read_failed for now
+    with tarfile.open(photos / "batch.tar", "w") as tar:  # a garbage archive first: one read_failed row
+        pass
+    (photos / "batch.tar").write_bytes(b"garbage, not a tar")
+    output = photos / "scores"  # inside an input: never scored itself
+    args = ["score", "--model", str(model_file), "--input", "photos", "--input", "photos/sub", "--output", "photos/scores"]
+
+    def score() -> tuple[list[dict], str]:
+        result = subprocess.run([sys.executable, "-m", "happysad.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return read_rows(str(output)), result.stdout
+
+    rows, stdout = score()
+    errors = {r["path"]: r["error"] for r in rows}
+    assert len(rows) == len(errors) == 5 and "scored 5 inputs (5 rows in all)" in stdout
+    assert errors == {str(photos / n): None for n in (f"{list(images)[0]}", f"sub/{list(images)[1]}", f"sub/{list(images)[2]}")} | {
+        str(later): "read_failed", str(photos / "batch.tar"): "read_failed"
+    }
+
+    (tmp_path / "not-yet.jpg").write_bytes(images[list(images)[0]])
+    with tarfile.open(photos / "batch.tar", "w") as tar:
+        for name, data in good_images(2, seed=32).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    args[args.index("photos/sub")] = str(photos / "sub")  # spelled differently: the same files
+    rows, stdout = score()
+    errors = {r["path"]: r["error"] for r in rows}
+    assert len(rows) == len(errors) == 6 and "scored 3 inputs (6 rows in all)" in stdout
+    assert errors[str(later)] is None and str(photos / "batch.tar") not in errors
+    assert sum(p.startswith(f"{photos / 'batch.tar'}#") for p in errors) == 2
+
+    rows, stdout = score()
+    assert len(rows) == 6 and "scored 0 inputs (6 rows in all)" in stdout
+
+
+def test_a_second_run_on_the_same_output_is_refused(model_file, mixed_inputs, tmp_path):
+    root, _ = mixed_inputs
+    output = tmp_path / "scores"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        output.mkdir()
+        (output / ".lock").write_text(f'{{"run": "other", "host": "{socket.gethostname()}", "pid": {holder.pid}, "heartbeat": 0}}')
+        result = run_cli("score", "--model", str(model_file), "--input", str(root / "single.png"), "--output", str(output))
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert f"--output {output}: another run (pid {holder.pid}" in result.stderr
+        assert not list(output.glob("*.parquet"))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_default_model_is_the_newest_run(tmp_path, monkeypatch, model_file):
+    from happysad.score import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    for name, age in (("exp1", 3600), ("20261127-013000", 0)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        target = tmp_path / "runs" / name / "model.keras"
+        target.write_bytes(model_file.read_bytes())
+        os.utime(target, (time.time() - age, time.time() - age))
+    assert resolve_model("") == str(tmp_path / "runs" / "20261127-013000" / "model.keras")
 
 
 def test_ray_job_submit_runs_score(ray_session, model_file, mixed_inputs, tmp_path):
