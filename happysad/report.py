@@ -1,4 +1,9 @@
-"""The run directory's files: model.keras, metrics.json, history.csv, curves.png, tensorboard/."""
+"""The run directory's files: model.keras, metrics.json, history.csv, curves.png, tensorboard/.
+
+A metric that is undefined (no rows, or one class only) is None here, null in
+JSON, an empty cell in history.csv, absent from curves and TensorBoard, and
+printed as `n/a (reason)`: never a 0 that looks measured.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +15,58 @@ import tempfile
 
 from happysad import storage
 
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "images_per_second")
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "images_per_second", "images")
+METRICS = ("loss", "accuracy", "precision", "recall", "auc")
+# Fixed event file names: a resumed run replaces its files instead of adding a second copy of every scalar.
+TENSORBOARD_FILES = {"train": "train/events.out.tfevents.happysad", "val": "val/events.out.tfevents.happysad"}
+
+
+def defined_metrics(values: dict, split: str, happy: int, sad: int, predicted_sad: float) -> dict:
+    """A split's measured `values` with each undefined one set to None and its reason under "undefined".
+
+    `happy`, `sad`: the split's real images per class; `predicted_sad`: how many it called sad.
+    """
+    reasons = {}
+    if happy + sad == 0:
+        reasons = dict.fromkeys(METRICS, f"no {split} split")
+    else:
+        if happy == 0 or sad == 0:
+            reasons["auc"] = "one class only"
+        if sad == 0:
+            reasons["recall"] = "no sad images"
+        if predicted_sad == 0:
+            reasons["precision"] = "no sad predictions"
+    measured = {name: None if name in reasons else float(values[name]) for name in METRICS}
+    return measured | {"n": happy + sad, "undefined": reasons}
+
+
+def shown(metrics: dict, name: str) -> str:
+    """A metric for a log line: 0.9512, or n/a with the reason."""
+    value = metrics[name]
+    return f"{value:.4f}" if value is not None else f"n/a ({metrics['undefined'][name]})"
 
 
 def history_csv(history: list[dict]) -> bytes:
     out = io.StringIO()
-    writer = csv.DictWriter(out, HISTORY_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(out, HISTORY_COLUMNS, extrasaction="ignore")  # None -> empty cell
     writer.writeheader()
     writer.writerows(history)
     return out.getvalue().encode()
 
 
 def curves_png(history: list[dict]) -> bytes:
-    """The seed's two plots: loss and accuracy per epoch, train vs val."""
+    """The seed's two plots: loss and accuracy per epoch, train vs val; undefined points are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.plot(epochs, [row[key] for row in history], "o-", label=f"train {key}")
-        ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label=f"val {key}")
+        for column, label in ((key, f"train {key}"), (f"val_{key}", f"val {key}")):
+            points = [(row["epoch"], row[column]) for row in history if row.get(column) is not None]
+            if points:
+                ax.plot(*zip(*points), "o-", label=label)
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend()
@@ -44,27 +78,33 @@ def curves_png(history: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+def tensorboard_scalars(history: list[dict]) -> dict[str, list[tuple[str, int, float]]]:
+    """(tag, step, value) per TensorBoard run (train/, val/); undefined values are left out."""
+    runs = {"train": [], "val": []}
+    for row in history:
+        for run, prefix, extra in (("train", "", ("images_per_second",)), ("val", "val_", ())):
+            for name in ("loss", "accuracy", *extra):
+                value = row.get(prefix + name)
+                if value is not None:
+                    runs[run].append((f"epoch/{name}", row["epoch"], value))
+    return runs
+
+
 def tensorboard_files(history: list[dict]) -> dict[str, bytes]:
-    """TensorBoard event files (train/ and val/ runs), written locally then returned as bytes."""
+    """TensorBoard event files, one per run under a fixed name, written locally then returned as bytes."""
     import tensorflow as tf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in ("train", "val"):
-            writer = tf.summary.create_file_writer(os.path.join(tmp, run))
+    files = {}
+    for run, scalars in tensorboard_scalars(history).items():
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = tf.summary.create_file_writer(tmp)
             with writer.as_default():
-                for row in history:
-                    prefix = "val_" if run == "val" else ""
-                    tf.summary.scalar("epoch/loss", row[f"{prefix}loss"], step=row["epoch"])
-                    tf.summary.scalar("epoch/accuracy", row[f"{prefix}accuracy"], step=row["epoch"])
-                    if run == "train":
-                        tf.summary.scalar("epoch/images_per_second", row["images_per_second"], step=row["epoch"])
+                for tag, step, value in scalars:
+                    tf.summary.scalar(tag, value, step=step)
             writer.close()
-        files = {}
-        for root, _, names in os.walk(tmp):
-            for name in names:
-                path = os.path.join(root, name)
-                with open(path, "rb") as f:
-                    files[os.path.relpath(path, tmp)] = f.read()
+            (name,) = os.listdir(tmp)  # one writer, one event file
+            with open(os.path.join(tmp, name), "rb") as f:
+                files[TENSORBOARD_FILES[run]] = f.read()
     return files
 
 

@@ -1,21 +1,26 @@
 """Training on Ray: decode in Ray Data, split by content hash, Ray Train workers run train_loop.
 
-    URIs -> sources -> decode (Ray Data, CPU) -> drop undecodable (counted)
-         -> split -> TensorflowTrainer(train_loop_per_worker) -> run directory
+    URIs -> sources -> decode (Ray Data, CPU) -> drop unusable rows (counted by reason)
+         -> split -> pad each split to a multiple of the workers
+         -> TensorflowTrainer(train_loop_per_worker) -> run directory
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import secrets
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from happysad import report, sources, storage, synth
+from happysad import inputs, report, sources, storage, synth
 from happysad.decode import DecodeError, decode_image
 from happysad.split import SPLITS, split_of
 from happysad.storage import UsageError
@@ -23,21 +28,25 @@ from happysad.train_loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
+# A resume that changed one of these would mix two runs: another split, batch or optimizer.
+RESUME_GUARDED = ("data", "seed", "val_fraction", "test_fraction", "learning_rate", "batch_size", "workers")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     data: tuple[str, ...] = ()  # folders / s3:// prefixes; empty = the embedded demo set
-    output: str = ""  # run directory, local or s3://; empty = runs/<UTC timestamp>
+    output: str = ""  # run directory, local or s3://; empty = a new runs/<UTC time>-<random>
     workers: int = 1  # Ray Train workers, one tf.distribute replica each
     gpu: bool = False  # one GPU per worker
     one_per_node: bool = False  # place each worker on a different node (STRICT_SPREAD)
     epochs: int = 10
-    batch_size: int = 32  # global batch, split across workers
+    batch_size: int = 32  # global batch, split evenly across workers
     learning_rate: float = 0.001
     seed: int = 0  # same seed + same data = same split and init
     val_fraction: float = 0.2
     test_fraction: float = 0.1
     resume: bool = False  # continue from the last checkpoint under output
+    allow_one_class: bool = False  # train even when the data holds only happy or only sad images
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
     collective_timeout_s: float = 600  # a collective stuck this long fails instead of hanging
 
@@ -47,6 +56,7 @@ class TrainConfig:
             "--epochs": self.epochs >= 1,
             "--batch-size": self.batch_size >= self.workers,
             "--learning-rate": self.learning_rate > 0,
+            "--seed": 0 <= self.seed < 2**32,  # what TF's and numpy's seeding accept
             "--val-fraction": 0 <= self.val_fraction < 1,
             "--test-fraction": 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
         }
@@ -54,18 +64,29 @@ class TrainConfig:
             if not ok:
                 value = getattr(self, flag[2:].replace("-", "_"))
                 raise UsageError(f"{flag} {value} is out of range")
+        if self.batch_size % self.workers:
+            raise UsageError(f"--batch-size {self.batch_size} is not a multiple of --workers {self.workers}")
         if self.resume and not self.output:
             raise UsageError("--resume needs --output naming the run to continue")
-
+        if storage.is_s3(self.output) and "/" not in self.output[len("s3://") :].strip("/"):
+            raise UsageError(f"--output {self.output}: a bucket root cannot hold a run; name a folder, e.g. {self.output.rstrip('/')}/runs/exp1")
 
 
 def decode_for_training(batch: dict, seed: int, val_fraction: float, test_fraction: float) -> dict:
-    """Decode a batch; undecodable or unlabelled rows keep a zero image and a reason in `error`."""
+    """Decode a batch; unusable rows keep a zero image and their reason in `error`.
+
+    A row that sources already marked (e.g. read_failed) keeps that reason and is
+    not decoded. `hash` identifies the bytes, so contradicting copies can be found.
+    """
     n = len(batch["bytes"])
     images = np.zeros((n, 256, 256, 3), np.uint8)
-    errors, splits = [""] * n, []
-    for i, (data, label) in enumerate(zip(batch["bytes"], batch["label"])):
-        splits.append(split_of(data, seed, val_fraction, test_fraction))
+    errors, splits, hashes = [""] * n, [""] * n, [""] * n
+    for i, (data, label, error) in enumerate(zip(batch["bytes"], batch["label"], batch["error"])):
+        if isinstance(error, str) and error:  # "no error" can arrive as None or NaN (an all-null column)
+            errors[i] = error
+            continue
+        splits[i] = split_of(data, seed, val_fraction, test_fraction)
+        hashes[i] = hashlib.blake2b(data, digest_size=16).hexdigest()
         try:
             images[i] = decode_image(data)
         except DecodeError as exc:
@@ -73,12 +94,22 @@ def decode_for_training(batch: dict, seed: int, val_fraction: float, test_fracti
         if label not in sources.CLASSES:
             errors[i] = errors[i] or "no_label"
     labels = [sources.CLASSES.index(x) if x in sources.CLASSES else -1 for x in batch["label"]]
-    return {"image": images, "label": np.array(labels, np.int8), "split": splits, "error": errors}
+    return {"image": images, "label": np.array(labels, np.int8), "split": splits, "hash": hashes, "error": errors}
 
 
-def select_split(batch: dict, split: str) -> dict:
-    """The decodable rows of one split, each with weight 1."""
-    keep = (batch["split"] == split) & (batch["error"] == "")
+def conflicting_hashes(decoded) -> set[str]:
+    """Hashes of usable files found under both labels: byte-identical copies that contradict each other."""
+    from ray.data.aggregate import Max, Min
+
+    usable = decoded.select_columns(["hash", "label", "error"]).filter(lambda row: row["error"] == "")
+    # Ray's default of 200 shuffle partitions is for big data: one per block keeps small runs quick.
+    by_hash = usable.groupby("hash", num_partitions=max(1, decoded.num_blocks())).aggregate(Min("label"), Max("label"))
+    return {row["hash"] for row in by_hash.iter_rows() if row["min(label)"] != row["max(label)"]}
+
+
+def select_split(batch: dict, split: str, conflicts: list[str]) -> dict:
+    """The usable rows of one split, each with weight 1."""
+    keep = (batch["split"] == split) & (batch["error"] == "") & ~np.isin(batch["hash"], conflicts)
     return {"image": batch["image"][keep], "label": batch["label"][keep], "weight": np.ones(int(keep.sum()), np.float32)}
 
 
@@ -87,46 +118,98 @@ def zero_weight(batch: dict) -> dict:
     return batch | {"weight": np.zeros(len(batch["label"]), np.float32)}
 
 
-def prepare_datasets(config: TrainConfig, uris: list[str], workers: int):
-    """Decode once (materialized), count, and split.
+def pad_to_multiple(ds, real: int, workers: int):
+    """`ds` (of `real` rows) plus weight-0 copies of its rows, up to a multiple of `workers` rows.
 
-    Returns (datasets per split, counts per split and class, skipped by reason,
-    rows per split including padding, real rows per split).
+    Ray Train splits equally and drops the remainder: padding means no real row is
+    dropped. Rows repeat as often as needed, so 1 row and 4 workers give 4 rows.
     """
-    labelled = sources.labelled_images(uris, shuffle_seed=config.seed)
+    extra = (-real) % workers
+    if real == 0 or extra == 0:
+        return ds
+    copies = -(-extra // real)  # ceil: enough copies of the split to take `extra` rows from
+    repeated = ds.union(*[ds] * (copies - 1)) if copies > 1 else ds
+    return ds.union(repeated.limit(extra).map_batches(zero_weight, batch_format="numpy"))
+
+
+def count_rows(decoded, conflicts: set[str]) -> tuple[Counter, Counter]:
+    """(usable rows per (split, class), unusable rows per reason)."""
+    counts, skipped = Counter(), Counter()
+    columns = ["label", "split", "hash", "error"]
+    for batch in decoded.select_columns(columns).iter_batches(batch_format="numpy", batch_size=4096):
+        for label, split, digest, error in zip(*(batch[c] for c in columns)):
+            if error:
+                skipped[error] += 1
+            elif digest in conflicts:
+                skipped["conflicting_label"] += 1
+            else:
+                counts[(split, sources.CLASSES[label])] += 1
+    return counts, skipped
+
+
+@dataclass(frozen=True)
+class Prepared:
+    datasets: dict  # split -> Ray Dataset of {image, label, weight}, padded
+    counts: dict  # split -> class -> usable rows
+    skipped: dict  # reason -> rows (listing and reading included)
+    rows: dict  # split -> rows including padding
+    real: dict  # split -> usable rows
+
+
+def prepare_datasets(config: TrainConfig, uris: list[str]) -> Prepared:
+    """Decode once (materialized), count, refuse unusable data, split and pad."""
+    labelled, listing_skipped = sources.labelled_images(uris, shuffle_seed=config.seed)
     decoded = labelled.map_batches(
         decode_for_training,
         fn_kwargs={"seed": config.seed, "val_fraction": config.val_fraction, "test_fraction": config.test_fraction},
         batch_size=32,
     ).materialize()
-    counts, skipped = Counter(), Counter()
-    for batch in decoded.select_columns(["label", "split", "error"]).iter_batches(batch_format="numpy", batch_size=4096):
-        for label, split, error in zip(batch["label"], batch["split"], batch["error"]):
-            if error:
-                skipped[error] += 1
-            else:
-                counts[(split, sources.CLASSES[label])] += 1
-    real = {s: sum(counts[(s, c)] for c in sources.CLASSES) for s in SPLITS}
-    if real["train"] == 0:
-        raise UsageError(f"--data {' '.join(uris)}: no decodable labelled training images (skipped: {dict(skipped)})")
-    datasets, rows = {}, {}
+    conflicts = conflicting_hashes(decoded)
+    counts, skipped = count_rows(decoded, conflicts)
+    skipped.update(listing_skipped)
+    count_table = {s: {c: counts[(s, c)] for c in sources.CLASSES} for s in SPLITS}
+    _check_counts(config, uris, count_table, skipped)
+    datasets, rows, real = {}, {}, {}
     for split in SPLITS:
-        ds = decoded.map_batches(select_split, fn_kwargs={"split": split}, batch_format="numpy")
-        extra = (-real[split]) % workers if split != "train" and real[split] else 0
-        if extra:  # Ray Train splits equally, dropping the remainder: pad instead of losing real rows
-            ds = ds.union(ds.limit(extra).map_batches(zero_weight, batch_format="numpy"))
-        ds = ds.materialize()
+        real[split] = sum(count_table[split].values())
+        ds = decoded.map_batches(select_split, fn_kwargs={"split": split, "conflicts": sorted(conflicts)}, batch_format="numpy")
+        ds = pad_to_multiple(ds, real[split], config.workers).materialize()
+        rows[split] = ds.count()
         # A fresh block order each epoch; the workers' shuffle buffer mixes within blocks.
         datasets[split] = ds.randomize_block_order() if split == "train" else ds
-        rows[split] = real[split] + extra
-    count_table = {s: {c: counts[(s, c)] for c in sources.CLASSES} for s in SPLITS}
-    return datasets, count_table, dict(skipped), rows, real
+    return Prepared(datasets, count_table, dict(skipped), rows, real)
+
+
+def _check_counts(config: TrainConfig, uris: list[str], counts: dict, skipped: Counter) -> None:
+    data = " ".join(uris)
+    train = sum(counts["train"].values())
+    if train == 0:
+        raise UsageError(f"--data {data}: no decodable labelled training images (skipped: {dict(skipped)})")
+    if train < config.workers:
+        raise UsageError(f"--workers {config.workers}: the train split has only {train} images, fewer than the workers")
+    totals = {c: sum(counts[s][c] for s in SPLITS) for c in sources.CLASSES}
+    missing = [c for c, n in totals.items() if n == 0]
+    if missing and not config.allow_one_class:
+        raise UsageError(f"--data {data}: no usable {missing[0]} images, so nothing to tell apart (--allow-one-class trains anyway)")
 
 
 def _output_uri(config: TrainConfig) -> str:
     if config.output:
-        return config.output if storage.is_s3(config.output) else str(storage.filesystem(config.output)[1])
-    return str(storage.filesystem(f"runs/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")[1])
+        return config.output.rstrip("/") if storage.is_s3(config.output) else str(storage.filesystem(config.output)[1])
+    return _new_run_dir()
+
+
+def _new_run_dir() -> str:
+    """A fresh runs/<UTC time to the ms>-<random>, created here (mkdir is atomic) so two runs never share one."""
+    while True:
+        now = datetime.now(timezone.utc)
+        path = Path("runs", f"{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}-{secrets.token_hex(3)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return str(path.resolve())
 
 
 def _check_output(output: str, resume: bool) -> None:
@@ -140,12 +223,39 @@ def _check_output(output: str, resume: bool) -> None:
         raise UsageError(f"--output {output}: is a file")
 
 
+def run_record(config: TrainConfig) -> dict:
+    """config.json's content: the config, with --data as sorted absolute URIs so equal data compares equal."""
+    data = sorted({inputs.absolute(uri) for uri in config.data})
+    return asdict(config) | {"data": data}
+
+
+def _check_resume(output: str, record: dict) -> None:
+    """Refuse a resume whose flags would mix two runs (RESUME_GUARDED); before any Ray work."""
+    path = storage.join(output, "config.json")
+    if storage.file_type(path) != pafs.FileType.File:
+        raise UsageError(f"--output {output}: no config.json, so --resume cannot check the run's flags")
+    recorded = json.loads(storage.read_bytes(path))
+    for field in RESUME_GUARDED:
+        if recorded.get(field) != record[field]:
+            flag = "--" + field.replace("_", "-")
+            raise UsageError(
+                f"{flag}: this resume says {_shown(record[field])}, the run used {_shown(recorded.get(field))}; "
+                "a resume may change only --epochs, --gpu, --one-per-node and --allow-one-class"
+            )
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return " ".join(value) or "(demo set)"
+    return str(value)
+
+
 def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     fs, path = storage.filesystem(output)
-    parent, name = path.rsplit("/", 1)
+    parent, name = path.rsplit("/", 1)  # never a bucket root: TrainConfig refuses it
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -169,30 +279,34 @@ def run(config: TrainConfig) -> dict:
     """Train, write the run directory, and return metrics.json's content."""
     output = _output_uri(config)
     _check_output(output, config.resume)
+    record = run_record(config)
+    if config.resume:
+        _check_resume(output, record)
     uris = list(config.data) or [str(synth.demo_data())]
     started = time.perf_counter()
-    datasets, counts, skipped, rows, real = prepare_datasets(config, uris, config.workers)
-    log.info("data: %s; skipped: %s", counts, skipped or "none")
-    loop_config = {"config": config, "rows": rows, "real": real}
-    result = _trainer(config, output, datasets, loop_config).fit()
-    returned = result.return_value
+    data = prepare_datasets(config, uris)
+    log.info("data: %s; skipped: %s", data.counts, data.skipped or "none")
+    # Recorded before the first checkpoint: a later --resume is checked against it.
+    storage.write_bytes(storage.join(output, "config.json"), json.dumps(record, indent=2).encode())
+    loop_config = {"config": config, "rows": data.rows, "real": data.real, "counts": data.counts}
+    returned = _trainer(config, output, data.datasets, loop_config).fit().return_value
     metrics = {
         "val": returned["val"],
         "test": returned["test"],
         "images_per_second": float(np.mean([r["images_per_second"] for r in returned["history"]])),
-        "skipped": skipped,
-        "counts": counts,
+        "skipped": data.skipped,
+        "counts": data.counts,
         "epochs": len(returned["history"]),
         "workers": config.workers,
         "replica_weight_hashes": returned["replica_weight_hashes"],
         "wall_seconds": time.perf_counter() - started,
-        "config": asdict(config),
+        "config": record,
     }
     report.write_run(output, returned["model"], metrics, returned["history"], returned["tensorboard"])
     test = metrics["test"]
     print(
-        f"done: test accuracy {test['accuracy']:.4f}  auc {test['auc']:.4f}  (n={test['n']})  "
-        f"{metrics['images_per_second']:.1f} img/s  skipped {sum(skipped.values())}  run: {output}",
+        f"done: test accuracy {report.shown(test, 'accuracy')}  auc {report.shown(test, 'auc')}  (n={test['n']})  "
+        f"{metrics['images_per_second']:.1f} img/s  skipped {sum(data.skipped.values())}  run: {output}",
         flush=True,
     )
     return metrics

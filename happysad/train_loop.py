@@ -29,16 +29,18 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     import ray.train
     import tensorflow as tf
 
+    from happysad.report import defined_metrics, shown
+
     config = loop_config["config"]
-    counts = loop_config["rows"]  # rows per split, including weight-0 padding
+    rows = loop_config["rows"]  # rows per split, including weight-0 padding
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     tf.keras.utils.set_random_seed(config.seed)
 
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=config.collective_timeout_s)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-    per_worker = max(1, config.batch_size // world)
-    global_batch = per_worker * world
+    per_worker = config.batch_size // world  # TrainConfig makes the batch a multiple of the workers
+    global_batch = config.batch_size
 
     with strategy.scope():
         model, state = _restore_or_build(config)
@@ -93,11 +95,16 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             steps += 1
 
     def evaluate(split: str) -> dict:
+        """The split's metrics over every worker's rows; undefined ones are None (report.defined_metrics)."""
         for metric in eval_metrics.values():
             metric.reset_state()
-        if counts[split]:
+        if rows[split]:
             run_epoch(split, eval_step, None)
-        return {name: float(metric.result()) for name, metric in eval_metrics.items()} | {"n": loop_config["real"][split]}
+        # Reading a metric is a collective: every rank reads the same ones in the same order.
+        values = {name: float(metric.result()) for name, metric in eval_metrics.items()}
+        precision = eval_metrics["precision"]
+        predicted_sad = float(np.sum(precision.true_positives.numpy()) + np.sum(precision.false_positives.numpy()))
+        return defined_metrics(values, split, **loop_config["counts"][split], predicted_sad=predicted_sad)
 
     for epoch in range(state["epoch"], config.epochs):
         for metric in train_metrics.values():
@@ -105,7 +112,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         start = time.perf_counter()
         run_epoch("train", train_step, config.seed * 10_000 + epoch)
         seconds = time.perf_counter() - start
-        row = {"epoch": epoch + 1, "images_per_second": loop_config["real"]["train"] / seconds}
+        # The loss metric's count is the sum of weights stepped: real rows only, padding counts 0.
+        images = int(round(float(train_metrics["loss"].count.numpy())))
+        row = {"epoch": epoch + 1, "images_per_second": images / seconds, "images": images}
         row |= {k: float(m.result()) for k, m in train_metrics.items() if k in ("loss", "accuracy")}
         val = evaluate("val")
         row |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
@@ -113,7 +122,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         if rank == 0:
             print(
                 f"epoch {epoch + 1}/{config.epochs}  loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f}  "
-                f"val_accuracy {row['val_accuracy']:.4f}  {row['images_per_second']:.1f} img/s",
+                f"val_accuracy {shown(val, 'accuracy')}  {row['images_per_second']:.1f} img/s",
                 flush=True,
             )
         _report(model, state, rank)

@@ -1,7 +1,9 @@
 """Training on the shared local Ray head: sync, uneven data, metrics, S3, kill, resume, job submit."""
 
+import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,13 +14,15 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BUCKET, REPO, upload_tree
+from conftest import BUCKET, REPO, run_cli, upload_tree
 from happysad import storage, synth
+from happysad.cli import _config, build_parser
 from happysad.decode import decode_image
 from happysad.model import build_model
+from happysad.report import METRICS
 from happysad.split import split_of
 from happysad.storage import UsageError
-from happysad.train import TrainConfig, run
+from happysad.train import TrainConfig, _output_uri, pad_to_multiple, prepare_datasets, run
 
 FAST = {"epochs": 2, "batch_size": 8, "collective_timeout_s": 180}
 
@@ -49,10 +53,16 @@ def test_model_is_the_seed_cnn():
         (["--val-fraction", "0.8", "--test-fraction", "0.3"], "--test-fraction"),
         (["--data", "/no/such/folder"], "/no/such/folder"),
         (["--resume"], "--resume"),
+        (["--seed", "-1"], "--seed -1"),
+        (["--seed", str(2**32)], f"--seed {2**32}"),
+        (["--workers", "3", "--batch-size", "8"], "--batch-size 8 is not a multiple of --workers 3"),
+        (["--output", "s3://some-bucket/"], "--output s3://some-bucket/"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, named):
-    result = subprocess.run([sys.executable, "jobs/train.py", *args], capture_output=True, text=True, cwd=REPO)
+    # The timeout turns the old behaviour (a run that starts, then fails or waits for CPUs) into a failure.
+    cmd = [sys.executable, "jobs/train.py", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
@@ -83,10 +93,12 @@ def numpy_metrics(model, data_root: Path, split: str, seed: int = 0) -> dict:
 def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_session, s3, odd_data, tmp_path):
     data_uri = upload_tree(s3, odd_data, "train/odd")
     output = f"s3://{BUCKET}/runs/two-workers"
-    metrics = run(TrainConfig(data=(data_uri,), output=output, workers=2, **FAST))
+    # Seed 5 puts 29 images (odd) in the train split: 2 workers need a padding row, or one image is lost.
+    metrics = run(TrainConfig(data=(data_uri,), output=output, workers=2, seed=5, **FAST))
 
     assert metrics["skipped"] == {"not_an_image": 1}
     assert sum(sum(c.values()) for c in metrics["counts"].values()) == 41
+    assert sum(metrics["counts"]["train"].values()) == 29
     hashes = metrics["replica_weight_hashes"]
     assert len(hashes) == 2 and hashes[0] == hashes[1]
     assert json.loads(storage.read_bytes(f"{output}/metrics.json")) == json.loads(json.dumps(metrics))
@@ -94,29 +106,167 @@ def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_sess
     local_model = tmp_path / "two-workers.keras"
     local_model.write_bytes(storage.read_bytes(f"{output}/model.keras"))
     model = keras.models.load_model(local_model, safe_mode=True)
-    expected = numpy_metrics(model, odd_data, "test")
+    expected = numpy_metrics(model, odd_data, "test", seed=5)
     assert metrics["test"]["n"] == expected["n"] == metrics["counts"]["test"]["happy"] + metrics["counts"]["test"]["sad"]
     for key in ("accuracy", "precision", "recall", "loss"):
         assert metrics["test"][key] == pytest.approx(expected[key], abs=1e-4), key
 
     history = storage.read_bytes(f"{output}/history.csv").decode().splitlines()
     assert history[0].startswith("epoch,loss,accuracy,val_loss,val_accuracy") and len(history) == 3
+    rows = list(csv.DictReader(history))
+    assert [int(row["images"]) for row in rows] == [29, 29]  # every real row stepped, every epoch
     assert storage.read_bytes(f"{output}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
     events = storage.list_dir(f"{output}/tensorboard", recursive=True)
     assert any("tfevents" in e.base_name for e in events if e.is_file)
 
 
-def test_existing_run_is_not_overwritten_and_resume_continues(ray_session, tiny_folders, tmp_path):
-    output = tmp_path / "run"
-    run(TrainConfig(data=(str(tiny_folders),), output=str(output), epochs=1, batch_size=8))
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[str, int]]]:
+    """(tag, step) of every scalar in each TensorBoard run folder (train, val), across all its event files."""
+    import tensorflow as tf
+
+    found = {}
+    for folder in sorted((run_dir / "tensorboard").iterdir()):
+        events = [e for f in sorted(folder.iterdir()) for e in tf.compat.v1.train.summary_iterator(str(f))]
+        found[folder.name] = [(v.tag, e.step) for e in events for v in e.summary.value]
+    return found
+
+
+def add_new_image(data: Path, tmp_path: Path) -> None:
+    """One face that is in no other copy of the data: new bytes, so a new file to the split."""
+    extra = synth.make_data(tmp_path / "extra", n=2, seed=99)
+    shutil.copy(next((extra / "happy").iterdir()), data / "happy" / "added-later.png")
+
+
+def test_resume_continues_refuses_changed_flags_and_keeps_one_scalar_per_epoch(ray_session, tiny_folders, tmp_path):
+    data, output = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_folders, data)
+    base = {"data": (str(data),), "output": str(output), "epochs": 1, "batch_size": 8}
+    run(TrainConfig(**base))
+    assert json.loads((output / "config.json").read_text())["learning_rate"] == 0.001
     epoch_one = (output / "history.csv").read_text().splitlines()[1]
     with pytest.raises(UsageError, match="already holds a run"):
-        run(TrainConfig(data=(str(tiny_folders),), output=str(output), epochs=2, batch_size=8))
-    resumed = run(TrainConfig(data=(str(tiny_folders),), output=str(output), epochs=2, batch_size=8, resume=True))
+        run(TrainConfig(**base | {"epochs": 2}))
+
+    # Each flag that would mix two runs is refused, naming it and both values, before any Ray work.
+    changes = [
+        ("data", (str(tiny_folders),), "--data", str(tiny_folders), str(data)),
+        ("seed", 1, "--seed", "1", "0"),
+        ("val_fraction", 0.3, "--val-fraction", "0.3", "0.2"),
+        ("test_fraction", 0.2, "--test-fraction", "0.2", "0.1"),
+        ("learning_rate", 0.5, "--learning-rate", "0.5", "0.001"),
+        ("batch_size", 4, "--batch-size", "4", "8"),
+        ("workers", 2, "--workers", "2", "1"),
+    ]
+    for field, value, flag, now, before in changes:
+        with pytest.raises(UsageError) as refused:
+            run(TrainConfig(**base | {field: value, "epochs": 2, "resume": True}))
+        message = str(refused.value)
+        assert message.startswith(f"{flag}:") and f"says {now}," in message and f"used {before};" in message, message
+    result = run_cli("train", "--data", str(data), "--output", str(output), "--resume", "--seed", "7", timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--seed" in result.stderr, result.stderr
+
+    # More epochs and more files are allowed: a file's split depends only on its bytes.
+    add_new_image(data, tmp_path)
+    resumed = run(TrainConfig(**base | {"epochs": 2, "resume": True}))
     history = (output / "history.csv").read_text().splitlines()
     assert resumed["epochs"] == 2
+    assert sum(sum(c.values()) for c in resumed["counts"].values()) == 25
     assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]
     assert history[1] == epoch_one  # epoch 1 came from the checkpoint, not trained again
+
+    scalars = tensorboard_scalars(output)
+    assert sorted(step for tag, step in scalars["train"] if tag == "epoch/loss") == [1, 2]
+    assert sorted(step for tag, step in scalars["val"] if tag == "epoch/accuracy") == [1, 2]
+
+
+def test_undefined_metrics_are_null_absent_and_shown_as_na(ray_session, tiny_folders, tmp_path, capsys):
+    output = tmp_path / "no-val"
+    metrics = run(TrainConfig(data=(str(tiny_folders),), output=str(output), val_fraction=0, epochs=1, batch_size=8))
+    # With seed 0, tiny_folders' test split holds one happy image and no sad one.
+    assert metrics["counts"]["val"] == {"happy": 0, "sad": 0} and metrics["counts"]["test"] == {"happy": 1, "sad": 0}
+
+    saved = json.loads((output / "metrics.json").read_text())
+    assert all(saved["val"][name] is None for name in METRICS) and saved["val"]["n"] == 0
+    assert saved["val"]["undefined"]["accuracy"] == "no val split"
+    assert saved["test"]["auc"] is None and saved["test"]["undefined"]["auc"] == "one class only"
+    assert saved["test"]["recall"] is None and saved["test"]["undefined"]["recall"] == "no sad images"
+    assert saved["test"]["accuracy"] in (0.0, 1.0) and saved["test"]["loss"] > 0 and saved["test"]["n"] == 1
+
+    (row,) = csv.DictReader((output / "history.csv").read_text().splitlines())
+    assert row["val_loss"] == row["val_accuracy"] == "" and float(row["loss"]) > 0
+    scalars = tensorboard_scalars(output)
+    assert scalars["val"] == [] and ("epoch/loss", 1) in scalars["train"]
+    out = capsys.readouterr().out
+    assert "auc n/a (one class only)" in out and "auc 0.0000" not in out
+
+
+def test_one_class_data_is_refused_unless_allowed(ray_session, tiny_folders, tmp_path):
+    data = tmp_path / "happy-only"
+    shutil.copytree(tiny_folders / "happy", data / "happy")
+    with pytest.raises(UsageError, match=r"^--data .*no usable sad images.*--allow-one-class"):
+        run(TrainConfig(data=(str(data),), output=str(tmp_path / "run"), epochs=1, batch_size=8))
+    allowed = _config(TrainConfig, build_parser().parse_args(["train", "--data", str(data), "--allow-one-class"]))
+    prepared = prepare_datasets(allowed, [str(data)])
+    assert [sum(prepared.counts[s][c] for s in prepared.counts) for c in ("happy", "sad")] == [12, 0]
+
+
+def test_train_split_smaller_than_the_workers_is_refused(ray_session, tiny_folders, tmp_path):
+    """One training image for two workers: the old code ran no step at all and still said done."""
+    data = tmp_path / "one-train"
+    kept_train = 0
+    for path in sorted(p for p in tiny_folders.rglob("*") if p.is_file()):
+        is_train = split_of(path.read_bytes()) == "train"
+        if not is_train or (kept_train == 0 and path.parent.name == "sad"):
+            kept_train += is_train
+            (data / path.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, data / path.parent.name / path.name)
+    assert kept_train == 1
+    with pytest.raises(UsageError, match=r"^--workers 2: the train split has only 1 image"):
+        run(TrainConfig(data=(str(data),), output=str(tmp_path / "run"), workers=2, epochs=1, batch_size=8))
+
+
+@pytest.mark.parametrize("real, workers", [(1, 4), (2, 4), (3, 4), (4, 4), (5, 4), (1, 1), (3, 2)])
+def test_padding_repeats_rows_until_every_worker_gets_an_equal_share(ray_session, real, workers):
+    import ray
+
+    ds = ray.data.from_items([{"label": i, "weight": 1.0} for i in range(real)])
+    padded = pad_to_multiple(ds, real, workers)
+    rows = padded.take_all()
+    assert len(rows) == -(-real // workers) * workers
+    assert sum(r["weight"] for r in rows) == real and {r["label"] for r in rows} == set(range(real))
+    shares = padded.split(workers, equal=True)  # what Ray Train does: equal shares, remainder dropped
+    assert [s.count() for s in shares] == [len(rows) // workers] * workers
+
+
+def test_conflicting_copies_are_skipped_and_splits_padded_for_four_workers(ray_session, tiny_folders, tmp_path):
+    data = tmp_path / "conflict"
+    shutil.copytree(tiny_folders, data)
+    happy_train = next(p for p in sorted((data / "happy").iterdir()) if split_of(p.read_bytes()) == "train")
+    shutil.copy(happy_train, data / "sad" / "same-bytes-other-label.png")
+
+    config = TrainConfig(data=(str(data),), workers=4, batch_size=8)
+    prepared = prepare_datasets(config, [str(data)])
+    assert prepared.skipped == {"conflicting_label": 2}
+    assert prepared.real == {s: sum(prepared.counts[s].values()) for s in prepared.counts}
+    assert sum(prepared.real.values()) == 23 and prepared.real["test"] == 1
+    for split, ds in prepared.datasets.items():
+        rows = ds.take_all()
+        assert len(rows) == prepared.rows[split] and len(rows) % 4 == 0, split
+        assert sum(r["weight"] for r in rows) == prepared.real[split], split
+    assert prepared.rows["test"] == 4  # 1 real row + 3 weight-0 copies: one per worker
+
+
+def test_default_run_directories_are_unique_and_created(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = [_output_uri(TrainConfig()) for _ in range(20)]  # same second, same millisecond even
+    assert len(set(made)) == 20
+    assert all(Path(m).is_dir() and Path(m).parent == (tmp_path / "runs").resolve() for m in made)
+
+
+def test_output_at_a_bucket_root_is_refused(ray_session, s3, tiny_folders):
+    s3.create_bucket(Bucket="happysad-root")
+    with pytest.raises(UsageError, match=r"^--output s3://happysad-root: a bucket root"):
+        run(TrainConfig(data=(str(tiny_folders),), output="s3://happysad-root", epochs=1, batch_size=8))
 
 
 def test_killed_worker_restarts_from_checkpoint_and_run_completes(ray_session, odd_data, tmp_path):
