@@ -23,17 +23,18 @@ class _Parser(argparse.ArgumentParser):
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the CNN on Ray (defaults: demo data, 1 local worker)")
     p.add_argument("--data", action="append", help="folder or s3:// prefix (happy/ sad/ or .tar shards); repeatable")
-    p.add_argument("--output", help="run directory, local or s3:// (default runs/<UTC timestamp>)")
+    p.add_argument("--output", help="run directory, local or s3:// (default a new runs/<UTC time>-<random>)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--one-per-node", action="store_true", help="put each worker on a different Ray node")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch, split across workers")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch, a multiple of --workers")
     p.add_argument("--learning-rate", type=float, default=0.001)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint under --output")
+    p.add_argument("--allow-one-class", action="store_true", help="train even if the data has only happy or only sad images")
 
 
 def _add_make_data(sub) -> None:
