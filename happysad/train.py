@@ -240,8 +240,12 @@ def _check_resume(output: str, record: dict) -> None:
             flag = "--" + field.replace("_", "-")
             raise UsageError(
                 f"{flag}: this resume says {_shown(record[field])}, the run used {_shown(recorded.get(field))}; "
-                "a resume may change only --epochs, --gpu, --one-per-node and --allow-one-class"
+                "a resume may only raise --epochs and change --gpu, --one-per-node or --allow-one-class"
             )
+    if record["epochs"] < recorded["epochs"]:  # the checkpoint may already hold more epochs than asked for
+        raise UsageError(
+            f"--epochs: this resume says {record['epochs']}, the run used {recorded['epochs']}; a resume may raise it, not lower it"
+        )
 
 
 def _shown(value) -> str:

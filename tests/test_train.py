@@ -174,6 +174,9 @@ def test_resume_continues_refuses_changed_flags_and_keeps_one_scalar_per_epoch(r
     assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]
     assert history[1] == epoch_one  # epoch 1 came from the checkpoint, not trained again
 
+    with pytest.raises(UsageError, match=r"^--epochs: this resume says 1, the run used 2; a resume may raise it"):
+        run(TrainConfig(**base | {"epochs": 1, "resume": True}))
+
     scalars = tensorboard_scalars(output)
     assert sorted(step for tag, step in scalars["train"] if tag == "epoch/loss") == [1, 2]
     assert sorted(step for tag, step in scalars["val"] if tag == "epoch/accuracy") == [1, 2]
