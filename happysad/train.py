@@ -292,7 +292,7 @@ def run(config: TrainConfig) -> dict:
     log.info("data: %s; skipped: %s", data.counts, data.skipped or "none")
     # Recorded before the first checkpoint: a later --resume is checked against it.
     storage.write_bytes(storage.join(output, "config.json"), json.dumps(record, indent=2).encode())
-    loop_config = {"config": config, "rows": data.rows, "real": data.real, "counts": data.counts}
+    loop_config = {"config": config, "rows": data.rows, "counts": data.counts}
     returned = _trainer(config, output, data.datasets, loop_config).fit().return_value
     metrics = {
         "val": returned["val"],
