@@ -51,7 +51,7 @@ def _add_score(sub) -> None:
     p.add_argument("--input", action="append", help="image file, folder, s3:// prefix or .tar/.tar.gz/.zip; repeatable")
     p.add_argument("--output", help="folder or s3:// prefix for the Parquet files (required)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call")
-    p.add_argument("--concurrency", type=int, default=0, help="most model replicas (default: as many as the cluster grows to)")
+    p.add_argument("--concurrency", type=int, default=0, help="model replicas (default: from one, growing as nodes join)")
     p.add_argument("--gpu", action="store_true", help="one GPU per model replica; decoding runs on every CPU")
     p.add_argument("--threshold", type=float, help="score at or above it is 'sad' (default: the model's model.json, else 0.5)")
     p.add_argument("--rows-per-file", type=int, default=10_000, help="most rows per Parquet file (what a kill can lose)")
@@ -85,6 +85,21 @@ def _predict(args) -> None:
         print(f"{path}\t{'sad' if score >= model.threshold else 'happy'}\t{score:.6f}")
 
 
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="write a Grad-CAM heat map PNG per image, with its score (no Ray)")
+    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras)")
+    p.add_argument("--out", required=True, help="folder for the PNGs, one per image")
+    p.add_argument("--threshold", type=float, help="default: the model's model.json, else 0.5")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a TensorFlow SavedModel (TF Serving) or a TFLite file")
+    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras)")
+    p.add_argument("--format", choices=("savedmodel", "tflite"), default="savedmodel", help="default: savedmodel")
+    p.add_argument("--out", required=True, help="a new folder (savedmodel) or a file (tflite)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="happysad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -92,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     _add_predict(sub)
     _add_make_data(sub)
+    _add_explain(sub)
+    _add_export(sub)
     return parser
 
 
@@ -119,6 +136,14 @@ def _run(args: argparse.Namespace) -> None:
         score.run(_config(score.ScoreConfig, args, inputs=tuple(args.input or ())))
     elif args.command == "predict":
         _predict(args)
+    elif args.command == "explain":
+        from happysad import explain
+
+        explain.run(_config(explain.ExplainConfig, args, images=tuple(args.images)))
+    elif args.command == "export":
+        from happysad import export
+
+        export.run(_config(export.ExportConfig, args))
 
 
 def main(argv: list[str] | None = None) -> int:

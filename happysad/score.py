@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 SCHEMA = pa.schema(
     [("path", pa.string()), ("score", pa.float32()), ("label", pa.string()), ("error", pa.string()), ("model", pa.string())]
 )
-FILES_PER_BLOCK = 640  # most paths per block: whole model batches, few small files (FIELD_NOTES)
+BATCHES_PER_BLOCK = 4  # model batches per block of paths: blocks are the unit replicas and decode tasks take
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class ScoreConfig:
     output: str = ""  # folder (local or s3://) of Parquet files
     model: str = ""  # a .keras file or a run directory; empty = the newest run under runs/
     batch_size: int = 64  # images per model call
-    concurrency: int = 0  # most model replicas; 0 = as many as the cluster grows to
+    concurrency: int = 0  # model replicas; 0 = a pool from one up to as many as the cluster grows to
     gpu: bool = False  # one GPU per replica
     threshold: float | None = None  # score at or above it is "sad"; None = the model's (model.json), else 0.5
     rows_per_file: int = 10_000  # most Parquet rows per output file: also the most a kill can lose
@@ -273,16 +273,24 @@ def _summary(output: str) -> tuple[int, dict]:
 
 
 def _replica_pool(config: ScoreConfig) -> ray.data.ActorPoolStrategy:
-    """From one replica up to --concurrency, or as many as the cluster grows to: nodes that join are used."""
+    """--concurrency replicas, or by default a pool from one up to what the cluster grows to.
+
+    Sizing from the resources seen at start would pin an autoscaling cluster
+    (whose workers start at zero) to one replica: nodes that join later are used.
+    """
     threads = {} if config.gpu else {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=config.concurrency or None, **threads)
+    if config.concurrency:
+        return ray.data.ActorPoolStrategy(size=config.concurrency, **threads)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=None, **threads)
 
 
 def _file_blocks(n: int, config: ScoreConfig) -> int:
-    """Whole model batches per block, at most FILES_PER_BLOCK and --rows-per-file paths, and at
-    least four blocks per CPU when there are enough files: block count is decode parallelism."""
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    per_block = min(FILES_PER_BLOCK, config.rows_per_file, max(config.batch_size, n // (4 * cpus)))
+    """Blocks of BATCHES_PER_BLOCK whole model batches (at most --rows-per-file paths).
+
+    Not sized from the CPUs seen at start: an autoscaling cluster starts small, and
+    queued blocks are what new replicas and decode tasks on joining nodes take.
+    """
+    per_block = min(config.batch_size * BATCHES_PER_BLOCK, config.rows_per_file)
     return max(1, -(-n // per_block))
 
 
