@@ -164,6 +164,9 @@ class Replica:
         self.model, self.batch_size, self.max_bytes = model, batch_size, max_bytes
         self.keras_model = load_keras_model(model.uri)
         self._predict(np.zeros((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # compile before data arrives
+        import keras
+
+        print(f"replica ready: keras backend {keras.backend.backend()}, model {model.id}", flush=True)
 
     def _predict(self, images: np.ndarray) -> np.ndarray:
         n = len(images)

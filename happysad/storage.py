@@ -31,22 +31,32 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
+_BUCKET_REGIONS: dict[str, str] = {}  # bucket -> region, asked of AWS once per process
+
+
+def s3_filesystem(bucket: str | None = None) -> pafs.S3FileSystem:
     endpoint = s3_endpoint()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if endpoint is None:
-        return pafs.S3FileSystem(region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+        # With no region set the SDK takes the node's own, and a bucket in another region answers
+        # HTTP 301. Ask AWS where the bucket is: always a real AWS call, so never with an endpoint.
+        if region is None and bucket:
+            if bucket not in _BUCKET_REGIONS:
+                try:
+                    _BUCKET_REGIONS[bucket] = pafs.resolve_s3_region(bucket)
+                except (OSError, ValueError) as exc:  # no such bucket, no network, not a bucket name
+                    raise UsageError(f"cannot find the region of bucket s3://{bucket}: {exc}") from None
+            region = _BUCKET_REGIONS[bucket]
+        return pafs.S3FileSystem(region=region)
     scheme = "http" if endpoint.startswith("http://") else "https"
-    return pafs.S3FileSystem(
-        endpoint_override=endpoint,
-        scheme=scheme,
-        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-    )
+    return pafs.S3FileSystem(endpoint_override=endpoint, scheme=scheme, region=region or "us-east-1")
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or s3:// URI."""
     if is_s3(uri):
-        return s3_filesystem(), uri[len("s3://") :].rstrip("/")
+        path = uri[len("s3://") :].rstrip("/")
+        return s3_filesystem(bucket=path.split("/", 1)[0]), path
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 

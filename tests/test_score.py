@@ -310,3 +310,37 @@ def test_ray_job_submit_runs_score(ray_session, model_file, mixed_inputs, tmp_pa
     result = subprocess.run(cmd, cwd=REPO, env=ray_session["env"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert len(read_rows(str(output))) == sum("batch.zip#" in p for p in expected)
+
+
+def test_scores_agree_across_keras_backends(ray_session, model_file, mixed_inputs, tmp_path):
+    """The replicas call the model through Keras only: JAX scores equal TensorFlow's, and predict runs without TensorFlow."""
+    root, expected = mixed_inputs
+    scores = {}
+    for backend in ("tensorflow", "jax"):
+        output = tmp_path / backend
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        result = run_cli("score", "--model", str(model_file), "--input", str(root / "folder"), "--output", str(output), env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"keras backend {backend}" in result.stdout + result.stderr
+        scores[backend] = {r["path"]: r["score"] for r in read_rows(str(output))}
+    assert scores["tensorflow"].keys() == scores["jax"].keys() and len(scores["jax"]) == sum("/folder/" in p for p in expected)
+    for path, score in scores["tensorflow"].items():
+        assert (score is None and scores["jax"][path] is None) or scores["jax"][path] == pytest.approx(score, abs=1e-5)
+
+    no_tensorflow = (  # an import hook that makes TensorFlow impossible to import, as on a node without it
+        "import sys\n"
+        "class NoTensorFlow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'tensorflow':\n"
+        "            raise ImportError('no tensorflow on this node')\n"
+        "sys.meta_path.insert(0, NoTensorFlow())\n"
+        "from happysad.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    image = next(p for p, e in expected.items() if e is None and "/folder/" in p)
+    result = subprocess.run(
+        [sys.executable, "-c", no_tensorflow, "predict", "--model", str(model_file), image],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, KERAS_BACKEND="jax"), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split("\t")[2]) == pytest.approx(scores["tensorflow"][image], abs=1e-5)
