@@ -30,6 +30,7 @@ ROW_SCHEMA = pa.schema(
 )
 BLOCK_MEMBERS = 256  # an archive is emitted in blocks of at most this many members...
 BLOCK_BYTES = 32 << 20  # ...or this many bytes, whichever comes first: memory follows the block, not the archive
+READER_MEMORY = 512 << 20  # what an archive reader may hold: a block, Ray's output buffer, the largest member
 # A damaged member: bad CRC or header (BadZipFile), corrupt deflate data (zlib.error), an encrypted
 # member (RuntimeError), an unknown compression (NotImplementedError), a cut-short stream (EOFError).
 MEMBER_ERRORS = (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError)

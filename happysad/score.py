@@ -309,7 +309,12 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
         done_ref = ray.put(done)  # one shared copy in the object store, not one per task
         parts.append(
             listed.map_batches(
-                inputs.read_archive, batch_size=1, fn_kwargs={"max_bytes": config.max_bytes, "done": done_ref}
+                inputs.read_archive,
+                batch_size=1,
+                fn_kwargs={"max_bytes": config.max_bytes, "done": done_ref},
+                # What one streaming reader holds. Remote args unlike the replicas' also keep Ray from
+                # fusing the reader into a replica, which would decode a whole archive in one process.
+                memory=inputs.READER_MEMORY,
             )
         )
     if not parts:

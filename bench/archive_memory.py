@@ -1,0 +1,119 @@
+"""Peak memory of `happysad score` on one tar of 12 MP JPEGs, at two archive sizes in one run.
+
+    python bench/archive_memory.py [--small-mb 100] [--large-mb 1000]
+
+Each size runs `happysad score` in a fresh process with its own local Ray
+cluster. Every 0.2 s the RSS of every process in that tree is read from /proc,
+with the Ray task it runs (its process title, e.g. `ray::MapBatches(read_archive)`).
+Per process it takes USS (private memory): RSS would also count the pages of
+Ray's shared-memory object store that a worker has written blocks into, which
+belong to the store, not to the process. Prints, per size: the peak USS of the
+process that read the archive, the peak USS of the largest single process, and
+the peak PSS of the whole tree (shared memory counted once). Streaming means the peaks follow the
+block size, not the archive size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from decode_speed import photo  # noqa: E402
+from score_memory import children_map  # noqa: E402
+
+
+def tree_pids(root: int) -> list[int]:
+    tree, todo, found = children_map(), [root], []
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(tree.get(pid, []))
+    return found
+
+
+def sample(pid: int) -> tuple[str, int, int] | None:
+    """(process title, USS kB, PSS kB) of one process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read().split(b"\0")[0].decode(errors="replace")
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = {line.split()[0]: int(line.split()[1]) for line in f if line.split()[0] in ("Pss:", "Private_Clean:", "Private_Dirty:")}
+        return title, fields["Private_Clean:"] + fields["Private_Dirty:"], fields["Pss:"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def make_tar(path: Path, target_mb: int, photos: list[bytes]) -> int:
+    """A tar of 12 MP JPEGs of about target_mb; returns the member count."""
+    count, size = 0, 0
+    with tarfile.open(path, "w") as tar:
+        while size < target_mb << 20:
+            data = photos[count % len(photos)]
+            info = tarfile.TarInfo(f"photos/{count:06d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            count, size = count + 1, size + len(data)
+    return count
+
+
+def score(archive: Path, model: Path, output: Path) -> dict:
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    env.pop("RAY_ADDRESS", None)  # a fresh local cluster, measured under the scoring process
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "happysad.cli", "score", "--model", str(model), "--input", str(archive), "--output", str(output)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    reader_kb = largest_kb = tree_pss_kb = 0
+    while proc.poll() is None:
+        samples = [s for s in map(sample, tree_pids(proc.pid)) if s]
+        tree_pss_kb = max(tree_pss_kb, sum(pss for _, _, pss in samples))
+        largest_kb = max([largest_kb] + [uss for _, uss, _ in samples])
+        reader_kb = max([reader_kb] + [uss for title, uss, _ in samples if "read_archive" in title])
+        time.sleep(0.2)
+    if proc.returncode != 0:
+        raise SystemExit(f"scoring {archive} failed with exit code {proc.returncode}")
+    return {"seconds": time.perf_counter() - start, "reader": reader_kb / 1024, "largest": largest_kb / 1024, "tree": tree_pss_kb / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small-mb", type=int, default=100)
+    parser.add_argument("--large-mb", type=int, default=1000)
+    parser.add_argument("--distinct", type=int, default=6, help="distinct photos, repeated to fill the archive")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
+        tmp = Path(tmp)
+        from happysad.model import build_model
+
+        build_model().save(tmp / "model.keras")
+        photos = [photo(seed) for seed in range(args.distinct)]
+        print("| archive | photos | wall s | archive reader peak USS MB | largest process peak USS MB | tree peak PSS MB |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        results = []
+        for mb in (args.small_mb, args.large_mb):
+            archive = tmp / f"photos-{mb}.tar"
+            members = make_tar(archive, mb, photos)
+            r = score(archive, tmp / "model.keras", tmp / f"scores-{mb}")
+            results.append(r)
+            print(f"| {archive.stat().st_size / 2**20:.0f} MB | {members} | {r['seconds']:.0f} | {r['reader']:.0f} | {r['largest']:.0f} | {r['tree']:.0f} |", flush=True)
+            archive.unlink()
+        small, large = results
+        bound = 1.25 * small["largest"] + 100
+        print(f"largest process, large vs small: {large['largest']:.0f} MB vs bound 1.25 x {small['largest']:.0f} + 100 = {bound:.0f} MB: "
+              f"{'within' if large['largest'] <= bound else 'OVER'}; archive reader under 500 MB: {'yes' if large['reader'] < 500 else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
