@@ -19,20 +19,15 @@ import cv2
 import numpy as np
 
 from happysad.decode import decode_image, header_size, read_flag
-from happysad.synth import draw_face, sample
+from happysad import synth
+from happysad.synth import sample
 
 SIZE = 256
 
 
 def photo(seed: int, width: int = 4000, height: int = 3000) -> bytes:
-    """A 12 MP natural-ish JPEG; the grain makes the file photo-sized (pure noise would not be photo-like)."""
-    rng = np.random.default_rng(seed)
-    face = cv2.resize(draw_face(rng, "happy", 1000), (width, height), interpolation=cv2.INTER_CUBIC)
-    ramps = np.linspace(0, 1, 64, dtype=np.float32)
-    low = rng.uniform(-40, 40, 3).astype(np.float32) * ramps[None, :, None] + rng.normal(0, 8, (48, 64, 3)).astype(np.float32)
-    image = face.astype(np.float32) + cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)
-    image += rng.standard_normal(image.shape, dtype=np.float32) * 4.5
-    ok, buf = cv2.imencode(".jpg", np.clip(image, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    """A 12 MP JPEG of about 2.3 MB: the grain makes the file photo-sized."""
+    ok, buf = cv2.imencode(".jpg", synth.photo(seed, width, height, grain=4.5), [cv2.IMWRITE_JPEG_QUALITY, 90])
     assert ok
     return buf.tobytes()
 

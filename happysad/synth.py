@@ -125,3 +125,18 @@ def demo_data(n: int = DEMO_SIZE, seed: int = 0) -> Path:
         if not target.is_dir():
             raise
     return target
+
+
+def photo(seed: int = 0, width: int = 4000, height: int = 3000, grain: float = 3.0) -> np.ndarray:
+    """A natural-ish BGR photo (12 MP by default): a drawn face scaled up, smooth colour gradients and blotches, grain.
+
+    For decode tests and benchmarks of large JPEGs. Not pure noise: no downscaler
+    handles that comparably, and photos are not noise. More grain, larger JPEG files.
+    """
+    rng = np.random.default_rng(seed)
+    face = cv2.resize(draw_face(rng, "happy", 1000), (width, height), interpolation=cv2.INTER_CUBIC)
+    ramps = np.linspace(0, 1, 64, dtype=np.float32)
+    low = rng.uniform(-40, 40, 3).astype(np.float32) * ramps[None, :, None] + rng.normal(0, 8, (48, 64, 3)).astype(np.float32)
+    image = face.astype(np.float32) + cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)
+    image += rng.standard_normal(image.shape, dtype=np.float32) * grain
+    return np.clip(image, 0, 255).astype(np.uint8)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from happysad.decode import REASONS, DecodeError, decode_image, read_flag
-from happysad.synth import draw_face
+from happysad import synth
 
 RED_LEFT = np.zeros((40, 60, 3), np.uint8)  # RGB: red left half, blue right half
 RED_LEFT[:, :30] = (255, 0, 0)
@@ -236,17 +236,8 @@ FULL = cv2.IMREAD_COLOR_RGB
 
 
 def photo(width: int = 4000, height: int = 3000, seed: int = 0) -> np.ndarray:
-    """A natural-ish RGB photo: a drawn face scaled up, smooth colour gradients and blotches, a little grain.
-
-    Not pure noise: no downscaler handles that comparably, and photos are not noise.
-    """
-    rng = np.random.default_rng(seed)
-    face = cv2.resize(draw_face(rng, "happy", 1000), (width, height), interpolation=cv2.INTER_CUBIC)
-    ramps = np.linspace(0, 1, 64, dtype=np.float32)
-    low = rng.uniform(-40, 40, 3).astype(np.float32) * ramps[None, :, None] + rng.normal(0, 8, (48, 64, 3)).astype(np.float32)
-    image = face.astype(np.float32) + cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)
-    image += rng.standard_normal(image.shape, dtype=np.float32) * 3
-    return cv2.cvtColor(np.clip(image, 0, 255).astype(np.uint8), cv2.COLOR_BGR2RGB)
+    """The synthetic photo as RGB."""
+    return cv2.cvtColor(synth.photo(seed, width, height), cv2.COLOR_BGR2RGB)
 
 
 @pytest.fixture(scope="module")
