@@ -1,0 +1,364 @@
+"""Evaluate a model on any labelled set: metrics, one prediction per file, and report.html.
+
+    happysad evaluate --model runs/RUN --data s3://BUCKET/holdout/ --output evals/holdout
+    ray job submit --working-dir . -- python jobs/evaluate.py --model s3://BUCKET/runs/exp1 \
+        --data s3://BUCKET/holdout/ --output s3://BUCKET/evals/holdout --gpu
+
+The labelled rows come from the same Ray Data read as training
+(`sources.labelled_images`: class folders or WebDataset shards, local or S3)
+and are scored by the same replicas as `score` (`score.Replica` in the same
+actor pool), carrying each row's `true_label` through. The driver then reads
+back only (score, true_label) and computes every metric with numpy, so the
+numbers in evaluation.json follow from predictions.parquet alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from happysad import score, sources, storage
+from happysad.storage import UsageError
+
+EPSILON = 1e-7  # Keras's clip for log loss: a score of exactly 0 or 1 costs a large, finite loss
+WORST = 16  # thumbnails of the highest-loss rows in the report
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    data: tuple[str, ...] = ()  # labelled folders / s3:// prefixes (happy/ sad/ or .tar shards)
+    output: str = ""  # folder (local or s3://) for evaluation.json, predictions.parquet, report.html
+    model: str = ""  # a .keras file or a run directory; empty = the newest run under runs/
+    threshold: float | None = None  # None = the model's (model.json), else 0.5
+    batch_size: int = 64  # images per model call
+    concurrency: int = 0  # model replicas; 0 = a pool that grows with the cluster
+    gpu: bool = False  # one GPU per replica
+    max_file_mb: int = 64  # a larger file is `too_large`, never read
+
+    def __post_init__(self):
+        if not self.data:
+            raise UsageError("--data is required (a labelled folder or s3:// prefix with happy/ and sad/, or .tar shards)")
+        if not self.output:
+            raise UsageError("--output is required (a folder for evaluation.json, predictions.parquet, report.html)")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise UsageError(f"--threshold {self.threshold} must be within [0, 1]")
+        for flag, value in (("--batch-size", self.batch_size), ("--max-file-mb", self.max_file_mb)):
+            if value < 1:
+                raise UsageError(f"{flag} {value} must be >= 1")
+        if self.concurrency < 0:
+            raise UsageError(f"--concurrency {self.concurrency} must be >= 0")
+
+    def scoring(self) -> score.ScoreConfig:
+        """The same replica settings `score` would use."""
+        return score.ScoreConfig(
+            inputs=self.data, output=self.output, model=self.model, batch_size=self.batch_size,
+            concurrency=self.concurrency, gpu=self.gpu, threshold=self.threshold, max_file_mb=self.max_file_mb,
+        )
+
+
+# --- metrics: plain arrays in, no model, no Ray ------------------------------------------------
+
+
+def binary_metrics(scores: np.ndarray, sad: np.ndarray, threshold: float) -> dict:
+    """Accuracy, precision, recall, F1 (sad = positive) at `threshold`, rank AUC and log loss.
+
+    An undefined metric is None, with its reason under "undefined" (as training's metrics.json).
+    """
+    scores, sad = np.asarray(scores, np.float64), np.asarray(sad, bool)
+    predicted = scores >= threshold  # score's rule: at or above the threshold is sad
+    tp, fp = int(np.sum(predicted & sad)), int(np.sum(predicted & ~sad))
+    fn, tn = int(np.sum(~predicted & sad)), int(np.sum(~predicted & ~sad))
+    n, positives = len(scores), tp + fn
+    reasons = _undefined(n, positives, tp + fp)
+    values = {
+        "accuracy": (tp + tn) / n if n else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / positives if positives else None,
+        "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else None,
+        "auc": rank_auc(scores, sad) if 0 < positives < n else None,
+        "loss": float(np.mean(log_losses(scores, sad))) if n else None,
+    }
+    values = {k: None if k in reasons else v for k, v in values.items()}
+    matrix = {"labels": list(sources.CLASSES), "rows": "true", "columns": "predicted", "matrix": [[tn, fp], [fn, tp]]}
+    return {"n": n, "threshold": float(threshold), **values, "undefined": reasons, "confusion_matrix": matrix}
+
+
+def _undefined(n: int, sad: int, predicted_sad: int) -> dict:
+    if n == 0:
+        return dict.fromkeys(("accuracy", "precision", "recall", "f1", "auc", "loss"), "no labelled images scored")
+    reasons = {}
+    if sad in (0, n):
+        reasons["auc"] = "one class only"
+    if sad == 0:
+        reasons["recall"] = "no sad images"
+    if predicted_sad == 0:
+        reasons["precision"] = "no sad predictions"
+    if sad == 0 and predicted_sad == 0:
+        reasons["f1"] = "no sad images and no sad predictions"
+    return reasons
+
+
+def log_losses(scores: np.ndarray, sad: np.ndarray) -> np.ndarray:
+    """Binary cross-entropy per row, with Keras's clipping."""
+    p = np.clip(np.asarray(scores, np.float64), EPSILON, 1 - EPSILON)
+    return -np.where(sad, np.log(p), np.log(1 - p))
+
+
+def rank_auc(scores: np.ndarray, sad: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic: tied scores share their mean rank (count half)."""
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based mean rank of each tie group
+    positives = int(np.sum(sad))
+    negatives = len(scores) - positives
+    return float((ranks[sad].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def curves(scores: np.ndarray, sad: np.ndarray, threshold: float) -> dict:
+    """ROC (fpr, tpr) and precision-recall points at every distinct score, and the point at `threshold`."""
+    scores, sad = np.asarray(scores, np.float64), np.asarray(sad, bool)
+    if not len(scores) or sad.all() or not sad.any():
+        return {}
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], sad[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last row of each tie group: one point per score
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    positives, negatives = int(y.sum()), int((~y).sum())
+    predicted = scores >= threshold
+    at_tp, at_fp = int(np.sum(predicted & sad)), int(np.sum(predicted & ~sad))
+    return {
+        "fpr": np.r_[0, fp / negatives], "tpr": np.r_[0, tp / positives],
+        "recall": tp / positives, "precision": tp / (tp + fp), "base_rate": positives / len(s),
+        "at": {"fpr": at_fp / negatives, "tpr": at_tp / positives, "precision": at_tp / (at_tp + at_fp) if at_tp + at_fp else None},
+    }
+
+
+def worst_rows(table: pa.Table, k: int = WORST) -> list[dict]:
+    """The k worst errors (highest loss first); with fewer than k errors, the highest-loss correct rows follow.
+
+    Errors come first even when a correct call near the threshold has the higher loss: the
+    page is for seeing what the model gets wrong. Each row says whether it is an error.
+    """
+    rows = labelled_rows(table)
+    if not rows.num_rows:
+        return []
+    scores = rows["score"].to_numpy().astype(np.float64)
+    sad = np.array(rows["true_label"].to_pylist()) == "sad"
+    losses = log_losses(scores, sad)
+    wrong = np.array(rows["label"].to_pylist()) != np.array(rows["true_label"].to_pylist())
+    top = np.lexsort((-losses, ~wrong))[:k]  # errors first, then by loss, highest first
+    picked = rows.take(pa.array(top)).to_pylist()
+    return [r | {"loss": float(losses[i]), "wrong": r["label"] != r["true_label"]} for r, i in zip(picked, top)]
+
+
+def labelled_rows(table: pa.Table) -> pa.Table:
+    """Rows that count toward the metrics: scored (no error) and labelled happy or sad."""
+    keep = pc.and_(pc.is_valid(table["score"]), pc.is_in(table["true_label"], pa.array(sources.CLASSES)))
+    return table.filter(pc.fill_null(keep, False))
+
+
+def skipped_reasons(table: pa.Table, listing_skipped: dict) -> dict:
+    """Inputs that count toward no metric, by reason: listing skips, read/decode errors, no label."""
+    skipped = Counter(listing_skipped)
+    skipped.update(e for e in table["error"].to_pylist() if e)
+    unlabelled = pc.and_(pc.is_null(table["error"]), pc.invert(pc.fill_null(pc.is_in(table["true_label"], pa.array(sources.CLASSES)), False)))
+    skipped["no_label"] += pc.sum(pc.cast(unlabelled, pa.int64())).as_py() or 0
+    return {k: v for k, v in sorted(skipped.items()) if v}
+
+
+def evaluation(table: pa.Table, threshold: float, listing_skipped: dict) -> dict:
+    """evaluation.json's content from the predictions table."""
+    rows = labelled_rows(table)
+    sad = np.array(rows["true_label"].to_pylist()) == "sad"
+    result = binary_metrics(rows["score"].to_numpy().astype(np.float64), sad, threshold)
+    counts = {c: int(np.sum(sad == (c == "sad"))) for c in sources.CLASSES}
+    return result | {"counts": counts, "skipped": skipped_reasons(table, listing_skipped)}
+
+
+# --- scoring on Ray ------------------------------------------------------------------------------
+
+
+def _as_score_rows(batch: pa.Table) -> pa.Table:
+    """Labelled rows as score's read stage expects them (already read: no source), label kept as true_label."""
+    n = batch.num_rows
+    return pa.table(
+        {
+            "path": batch["path"], "bytes": batch["bytes"], "error": batch["error"].cast(pa.string()),
+            "source": pa.array([b""] * n, pa.binary()), "size": pa.array([0] * n, pa.int64()),
+            "true_label": batch["label"].cast(pa.string()),
+        }
+    )
+
+
+def _worker_env() -> dict | None:
+    # Workers inherit the raylet's environment, not ours: pass on the Keras backend and the S3 endpoint.
+    env = {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ} | storage.ray_env_vars()
+    return {"env_vars": env} if env else None
+
+
+def predict(labelled, model: score.Model, config: score.ScoreConfig) -> pa.Table:
+    """score's columns plus true_label for every labelled row, scored by score's replicas; sorted by path."""
+    ds = labelled.map_batches(_as_score_rows, batch_format="pyarrow")
+    env = _worker_env()
+    if config.gpu:  # as score: decode on every CPU, replicas only predict
+        ds = ds.map_batches(
+            score.decode_batch, fn_kwargs={"max_bytes": config.max_bytes}, batch_size=config.batch_size, num_cpus=1, runtime_env=env
+        )
+    scored = ds.map_batches(
+        score.Replica,
+        fn_constructor_kwargs={"model": model, "batch_size": config.batch_size, "max_bytes": config.max_bytes},
+        batch_size=config.batch_size,
+        compute=score._replica_pool(config),
+        num_gpus=1 if config.gpu else 0,
+        num_cpus=0 if config.gpu else 1,
+        runtime_env=env,
+    )
+    import ray
+
+    tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
+    schema = score.SCHEMA.append(pa.field("true_label", pa.string()))
+    table = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
+    return table.sort_by("path")
+
+
+def fetch_images(labelled, paths: list[str]) -> dict[str, bytes]:
+    """The bytes of a few rows, read again: predictions keep no bytes, and a shard member has no file of its own."""
+    wanted = set(paths)  # a few paths: small enough to travel with each task
+
+    def keep(batch: pa.Table, wanted) -> pa.Table:
+        mask = pa.array([p in wanted for p in batch["path"].to_pylist()], pa.bool_())
+        return batch.select(["path", "bytes"]).filter(mask)
+
+    found = labelled.map_batches(keep, fn_kwargs={"wanted": wanted}, batch_format="pyarrow")
+    return {row["path"]: row["bytes"] for row in found.take_all()}
+
+
+# --- the report page -------------------------------------------------------------------------------
+
+
+def thumbnails(labelled, worst: list[dict], model: score.Model) -> list[dict]:
+    """Each worst row with a PNG: the face beside its Grad-CAM heat map (for the label the model gave)."""
+    import cv2
+
+    from happysad import explain
+    from happysad.decode import decode_image
+
+    if not worst:
+        return []
+    images = fetch_images(labelled, [r["path"] for r in worst])
+    keras_model = score.load_keras_model(model.uri)
+    view = explain.cam_model(keras_model)
+    out = []
+    for row in worst:
+        image = decode_image(images[row["path"]])
+        heat, _ = explain.grad_cam(keras_model, image, model.threshold, view)
+        picture = explain.overlay(image, heat, "")[: image.shape[0]]  # the caption goes in the page, not the pixels
+        small = cv2.resize(picture, (picture.shape[1] // 2, picture.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        ok, png = cv2.imencode(".png", small)
+        assert ok
+        out.append(row | {"png": png.tobytes()})
+    return out
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("happysad", "ray", "keras", "tensorflow", "numpy", "opencv-python-headless", "pyarrow"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def page_for(title: str, table: pa.Table, result: dict, labelled, model: score.Model, **extra) -> bytes:
+    """report.html for scored rows: metrics, curves, the worst rows with heat maps, and `extra` sections."""
+    from happysad import page
+
+    rows = labelled_rows(table)
+    sad = np.array(rows["true_label"].to_pylist()) == "sad"
+    worst = thumbnails(labelled, worst_rows(table), model)
+    return page.render(
+        title=title, metrics=result, curves=curves(rows["score"].to_numpy().astype(np.float64), sad, model.threshold),
+        worst=worst, **extra,
+    )
+
+
+def run(config: EvaluateConfig) -> dict:
+    """Score the labelled set, write evaluation.json, predictions.parquet and report.html; return the evaluation."""
+    model = score.open_model(config.model, config.threshold)  # a bad model fails here, before anything runs
+    if storage.file_type(config.output) == pafs.FileType.File:
+        raise UsageError(f"--output {config.output}: is a file; give a folder")
+    labelled, listing_skipped = sources.labelled_images(list(config.data), flag="--data", max_file_mb=config.max_file_mb)
+    table = predict(labelled, model, config.scoring())
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(storage.join(config.output, "predictions.parquet"), buffer.getvalue())
+    result = evaluation(table, model.threshold, listing_skipped)
+    result |= {"model": model.id, "model_uri": model.uri, "data": list(config.data), "versions": versions()}
+    storage.write_bytes(storage.join(config.output, "evaluation.json"), json.dumps(result, indent=2).encode())
+    counts = {"evaluated": result["counts"]}
+    html = page_for(
+        f"Evaluation of {model.id}", table, result, labelled, model,
+        counts=counts, skipped=result["skipped"], info={"data": list(config.data), "model": model.uri, "versions": result["versions"]},
+    )
+    storage.write_bytes(storage.join(config.output, "report.html"), html)
+    print(_summary_line(result, config.output), flush=True)
+    return result
+
+
+def _summary_line(result: dict, output: str) -> str:
+    shown = {k: f"{result[k]:.4f}" if result[k] is not None else f"n/a ({result['undefined'][k]})" for k in ("accuracy", "f1", "auc", "loss")}
+    skipped = sum(result["skipped"].values())
+    return f"evaluated {result['n']} images at threshold {result['threshold']:.3f}: " + "  ".join(
+        f"{k} {v}" for k, v in shown.items()
+    ) + f"  skipped {skipped}; output: {output}"
+
+
+# --- a training run's page ---------------------------------------------------------------------
+
+
+def _test_split(batch: pa.Table, seed: int, val_fraction: float, test_fraction: float) -> pa.Table:
+    """The readable rows that training's content-hash split put in test."""
+    from happysad.split import split_of
+
+    keep = [
+        not error and split_of(data, seed, val_fraction, test_fraction) == "test"
+        for data, error in zip(batch["bytes"].to_pylist(), batch["error"].cast(pa.string()).to_pylist())
+    ]
+    return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def run_page(output: str, metrics: dict, history: list[dict]) -> bytes:
+    """report.html of a training run: its test split scored again by the saved model, plus the run's history."""
+    from happysad import synth
+
+    config = metrics["config"]
+    uris = list(config["data"]) or [str(synth.demo_data())]
+    labelled, _ = sources.labelled_images(uris)
+    split = {k: config[k] for k in ("seed", "val_fraction", "test_fraction")}
+    test = labelled.map_batches(_test_split, fn_kwargs=split, batch_format="pyarrow")
+    model = score.open_model(storage.join(output, "model.keras"))
+    scoring = score.ScoreConfig(inputs=tuple(uris), output=output, batch_size=32, gpu=bool(config.get("gpu")))
+    table = predict(test, model, scoring)
+    result = evaluation(table, model.threshold, {})
+    info = {"data": uris, "config": config, "versions": versions(), "threshold": metrics.get("threshold"), "val": metrics.get("val")}
+    subtitle = (
+        f"Run {output}: {metrics.get('epochs', len(history))} epochs. Below, the test split ({result['n']} images) "
+        f"scored again by the saved model at its threshold {model.threshold:.3f}."
+    )
+    return page_for(
+        "Training run report", table, result, test, model,
+        counts=metrics["counts"], skipped=metrics["skipped"], info=info, history=history, subtitle=subtitle,
+    )
