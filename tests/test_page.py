@@ -1,0 +1,71 @@
+"""report.html: the pure page builder on hand-made arrays, and the page every training run writes."""
+
+import json
+import re
+
+import cv2
+import numpy as np
+import pytest
+
+from happysad import synth
+from happysad.evaluate import binary_metrics, curves
+from happysad.page import render
+from happysad.train import TrainConfig, run
+
+
+def fake_rows(k: int, wrong: int) -> list[dict]:
+    png = cv2.imencode(".png", np.full((128, 256, 3), 90, np.uint8))[1].tobytes()
+    return [
+        {"path": f"/data/sad/f{i}.jpg", "score": 0.1, "label": "happy", "true_label": "sad", "loss": 2.3 - i / 10, "wrong": i < wrong, "png": png}
+        for i in range(k)
+    ]
+
+
+def page_of(metrics: dict, worst: list[dict], history=None) -> str:
+    scores = np.array([0.1, 0.4, 0.35, 0.8])
+    sad = np.array([False, False, True, True])
+    html = render(
+        "t", metrics, curves(scores, sad, metrics["threshold"]), worst, {"test": {"happy": 2, "sad": 2}},
+        {"hidden": 3}, {"data": ["s3://b/x"], "versions": {"python": "3.11"}}, history,
+    )
+    return html.decode()
+
+
+def test_page_is_self_contained_and_holds_every_section():
+    metrics = binary_metrics(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True]), 0.5)
+    html = page_of(metrics, fake_rows(16, 16), history=[{"epoch": 1, "loss": 0.7, "accuracy": 0.5, "val_loss": None}])
+    assert not re.search(r"(src|href)=['\"](?!data:)", html) and "<script" not in html  # nothing fetched
+    for hook in ("metrics", "history", "confusion-matrix", "roc-pr", "counts", "skipped", "worst", "info"):
+        assert f"id='{hook}'" in html, hook
+    assert html.count("class='thumb'") == 16 and "The 16 worst errors" in html
+    cells = re.findall(r"data-true='(\w+)' data-predicted='(\w+)'>(\d+)<", html)
+    assert cells == [("happy", "happy", "2"), ("happy", "sad", "0"), ("sad", "happy", "1"), ("sad", "sad", "1")]
+    assert "s3://b/x" in html and "hidden" in html
+
+
+def test_undefined_metrics_show_na_with_the_reason_and_few_errors_are_labelled_so():
+    metrics = binary_metrics(np.array([0.1, 0.2]), np.array([False, False]), 0.5)
+    html = page_of(metrics, fake_rows(16, 3))
+    for name in ("auc", "recall", "precision", "f1"):
+        card = re.search(rf"data-metric='{name}'>(.*?)</div></div>", html).group(1)
+        assert "n/a" in card and metrics["undefined"][name] in card
+    assert "All 3 errors, then the highest-loss correct calls (16 images)" in html
+    assert html.count("class='tag'>error") == 3 and html.count("class='tag ok'>correct") == 13 + 1  # +1: the note
+
+
+def test_every_training_run_writes_a_report_of_its_test_split(ray_session, tmp_path):
+    """40 faces, half of them test: the page shows the run's curves, counts and 16 thumbnails."""
+    data = synth.make_data(tmp_path / "faces", n=40, seed=12)
+    output = tmp_path / "run"
+    metrics = run(TrainConfig(data=(str(data),), output=str(output), epochs=2, batch_size=8, val_fraction=0.2, test_fraction=0.5))
+    html = (output / "report.html").read_text()
+    for hook in ("history", "confusion-matrix", "roc-pr", "counts", "worst", "info"):
+        assert f"id='{hook}'" in html, hook
+    test_rows = sum(metrics["counts"]["test"].values())
+    assert test_rows >= 16 and html.count("class='thumb'") == 16
+    matrix = [int(v) for v in re.findall(r"data-predicted='\w+'>(\d+)<", html)]
+    assert sum(matrix) == test_rows  # the whole test split, scored again by the saved model
+    threshold = json.loads((output / "model.json").read_text())["threshold"]
+    assert f"threshold {threshold:.3f}" in html
+    for split in ("train", "val", "test"):
+        assert f"<th class='left'>{split}</th>" in html
