@@ -13,6 +13,9 @@ extracted and never held whole; a member's path is `ARCHIVE_URI#MEMBER`.
 from __future__ import annotations
 
 import hashlib
+import lzma
+import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -31,9 +34,14 @@ ROW_SCHEMA = pa.schema(
 BLOCK_MEMBERS = 256  # an archive is emitted in blocks of at most this many members...
 BLOCK_BYTES = 32 << 20  # ...or this many bytes, whichever comes first: memory follows the block, not the archive
 READER_MEMORY = 512 << 20  # what an archive reader may hold: a block, Ray's output buffer, the largest member
-# A damaged member: bad CRC or header (BadZipFile), corrupt deflate data (zlib.error), an encrypted
-# member (RuntimeError), an unknown compression (NotImplementedError), a cut-short stream (EOFError).
-MEMBER_ERRORS = (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError)
+# A damaged member: bad CRC or header (BadZipFile), corrupt deflate or xz data (zlib.error, LZMAError),
+# an encrypted member (RuntimeError), an unknown compression (NotImplementedError), a cut-short stream
+# (EOFError), offsets that lie (ValueError, OverflowError: a seek before the start or past 2**63),
+# a non-UTF-8 name flagged UTF-8 (UnicodeDecodeError, a ValueError), a short header (struct.error).
+MEMBER_ERRORS = (
+    OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, struct.error,
+    RuntimeError, NotImplementedError, ValueError, OverflowError,
+)
 
 
 def is_archive(uri: str) -> bool:
@@ -139,26 +147,31 @@ def read_archive(batch: dict, max_bytes: int, done) -> object:
     Members whose path hash is in `done` are skipped. A damaged member gets its
     own `read_failed` row and the rest is still read; damage that stops the
     archive from being read further adds one `read_failed` row for the archive
-    itself; an archive with no members gets one row, error `empty`. `done` is
-    a sorted array of path hashes, or a Ray reference to one (shared by all tasks).
+    itself; an archive with no members gets one row, error `empty`. A name that
+    the archive holds twice gets one row, its first copy's. `done` is a sorted
+    array of path hashes, or a Ray reference to one (shared by all tasks).
     """
     import ray
 
     done = ray.get(done) if isinstance(done, ray.ObjectRef) else done
     (uri,) = batch["path"]
-    block, block_bytes, members = [], 0, 0
+    block, block_bytes = [], 0
+    seen: set[int] = set()  # path hashes of this archive's members: 8 bytes of hash (~70 in a set) a member
     try:
         for name, data, error in _members(uri, max_bytes):
-            members += 1
             path = f"{uri}#{name}"
-            if done_mask(done, path_hashes([path]))[0]:
+            digest = path_hashes([path])
+            if int(digest[0]) in seen:  # appended again (`tar -r`) or forged: one path, one row
+                continue
+            seen.add(int(digest[0]))
+            if done_mask(done, digest)[0]:
                 continue
             block.append((path, data, error))
             block_bytes += len(data)
             if len(block) >= BLOCK_MEMBERS or block_bytes >= BLOCK_BYTES:
                 yield _archive_rows(block)
                 block, block_bytes = [], 0
-        if members == 0:
+        if not seen:
             block.append((uri, b"", "empty"))
     except MEMBER_ERRORS:
         block.append((uri, b"", "read_failed"))
@@ -185,9 +198,15 @@ def _member_name(raw_name: str) -> str:
     return storage.display_path(raw_name.encode("utf-8", "surrogateescape"))
 
 
+class ArchiveCutShort(tarfile.TarError):
+    """A tar whose member headers stopped at damage, not at its end-of-archive marker."""
+
+
 def _tar_members(uri: str, max_bytes: int):
-    with storage.open_source(uri.encode()) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
+    info_class = _recording_tarinfo()
+    with storage.open_source(uri.encode()) as stream, _open_tar(stream, info_class) as tar:
+        while (member := tar.next()) is not None:
+            tar.members.clear()  # tarfile keeps every header it read: 100,000 members would stay in memory
             name = _member_name(member.name)
             if member.isdir():
                 continue
@@ -201,6 +220,52 @@ def _tar_members(uri: str, max_bytes: int):
                 except MEMBER_ERRORS:  # cut short inside this member: nothing after it can be read
                     yield name, b"", "read_failed"
                     return
+        if _stopped_at_damage(info_class.stop, tar.fileobj):
+            raise ArchiveCutShort(f"{uri}: a damaged header ends the members that could be read")
+
+
+def _open_tar(stream, info_class: type[tarfile.TarInfo]) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class)
+    except TypeError as exc:  # Python 3.11 reads a cut-short gzip header with ord(b""): damage, not a bug of ours
+        raise tarfile.ReadError(f"damaged gzip header ({exc})") from None
+
+
+def _recording_tarinfo() -> type[tarfile.TarInfo]:
+    """A TarInfo class that remembers the header error that ended tarfile's member loop.
+
+    In stream mode tarfile takes a bad header (a wrong checksum, a cut-short block) after
+    the first member for the end of the archive and stops silently: the members after
+    it would vanish without a row. The error it swallowed tells damage from the real end.
+    """
+
+    class Recording(tarfile.TarInfo):
+        stop: tarfile.HeaderError | None = None
+
+        @classmethod
+        def frombuf(cls, buf, encoding, errors):
+            try:
+                return super().frombuf(buf, encoding, errors)
+            except tarfile.HeaderError as exc:
+                Recording.stop = exc
+                raise
+
+    return Recording
+
+
+def _stopped_at_damage(stop: tarfile.HeaderError | None, rest) -> bool:
+    """Whether the member loop ended at damage: a bad or cut-short header, or data after the end marker.
+
+    A real end is a block of zeros followed by nothing but zeros (padding). Anything else
+    left in the stream (a header zeroed by damage hides members after it) is read in
+    bounded chunks, never held.
+    """
+    if isinstance(stop, (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError)):
+        return True
+    while chunk := rest.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            return True
+    return False
 
 
 def _zip_members(uri: str, max_bytes: int):
@@ -208,6 +273,9 @@ def _zip_members(uri: str, max_bytes: int):
     with fs.open_input_file(path) as f, zipfile.ZipFile(f) as archive:  # ranged reads, no local copy
         for info in archive.infolist():
             if info.is_dir():
+                continue
+            if not _zip_regular(info):  # a symlink (or device) saved with its Unix mode: never followed
+                yield info.filename, b"", "unsupported"
                 continue
             if info.file_size > max_bytes:
                 yield info.filename, b"", "too_large"
@@ -220,3 +288,9 @@ def _zip_members(uri: str, max_bytes: int):
                 continue
             yield (info.filename, b"", "too_large") if len(data) > max_bytes else (info.filename, data, None)
 
+
+def _zip_regular(info: zipfile.ZipInfo) -> bool:
+    """False for a member whose Unix mode (high 16 bits of external_attr) names a file type other than a
+    regular file. Many zips store no file type at all (0): those are regular files."""
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    return kind in (0, stat.S_IFREG)

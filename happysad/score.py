@@ -298,6 +298,12 @@ def _file_blocks(n: int, config: ScoreConfig) -> int:
 
 
 def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.ndarray):
+    # Workers inherit the raylet's environment, not ours: pass on the Keras backend and the S3 endpoint.
+    env = {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ} | storage.ray_env_vars()
+    worker_env = {"env_vars": env} if env else None
+    # A task or replica lost with its node is run again, a bounded number of times (Ray Data's default
+    # is forever): a batch that kills every process it reaches fails the job instead of hanging it.
+    node_loss_retries = 3
     parts = []
     files = found.files.filter(pa.array(~inputs.done_mask(done, inputs.path_hashes(found.files["path"].to_pylist()))))
     if files.num_rows:
@@ -315,14 +321,18 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
                 # What one streaming reader holds. Remote args unlike the replicas' also keep Ray from
                 # fusing the reader into a replica, which would decode a whole archive in one process.
                 memory=inputs.READER_MEMORY,
+                max_retries=node_loss_retries,
+                runtime_env=worker_env,
             )
         )
     if not parts:
         return None
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if config.gpu:  # decode on every CPU of the cluster; replicas only predict
-        ds = ds.map_batches(decode_batch, fn_kwargs={"max_bytes": config.max_bytes}, batch_size=config.batch_size, num_cpus=1)
-    backend = {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ}  # workers inherit the raylet's env, not ours
+        ds = ds.map_batches(
+            decode_batch, fn_kwargs={"max_bytes": config.max_bytes}, batch_size=config.batch_size, num_cpus=1,
+            max_retries=node_loss_retries, runtime_env=worker_env,
+        )
     return ds.map_batches(
         Replica,
         fn_constructor_kwargs={"model": model, "batch_size": config.batch_size, "max_bytes": config.max_bytes},
@@ -330,7 +340,9 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
         compute=_replica_pool(config),
         num_gpus=1 if config.gpu else 0,
         num_cpus=0 if config.gpu else 1,
-        runtime_env={"env_vars": backend} if backend else None,
+        max_restarts=node_loss_retries,  # a replica lost with its node starts again on another...
+        max_task_retries=node_loss_retries,  # ...and scores again the batches it held
+        runtime_env=worker_env,
     )
 
 

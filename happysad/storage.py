@@ -4,10 +4,16 @@ A bare `pyarrow.fs.S3FileSystem()` ignores AWS_ENDPOINT_URL (FIELD_NOTES), so
 every S3 filesystem in the project comes from `filesystem()` below, which
 honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and otherwise the standard AWS
 credential chain (environment, profile, instance profile).
+
+Retries are configured here, once: every S3 request, pyarrow's or boto3's, is
+tried S3_MAX_ATTEMPTS times with the SDKs' standard (jittered exponential)
+backoff before it fails. `init_ray` passes the S3 endpoint and region on to Ray
+workers, which otherwise inherit the raylet's environment, not the driver's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import stat
@@ -31,6 +37,72 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+# Attempts per S3 request (the first included), for pyarrow and boto3 alike. The standard backoff
+# (jittered, doubling, capped at 20 s) makes a dead endpoint fail a request in ~20-35 s, while a
+# request that fails 1 time in 10 still succeeds 999,999 times in a million.
+S3_MAX_ATTEMPTS = 6
+# Passed on to Ray workers by `init_ray`. Credentials are not: they would show in the job's runtime
+# environment (dashboard, logs); each node takes its own from the standard chain.
+RAY_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem that keeps our retry strategy when pickled to a Ray worker.
+
+    pyarrow's own pickling leaves the retry strategy out, so a filesystem handed to
+    Ray Data or Ray Train would fall back to pyarrow's default (3 attempts) there.
+    """
+
+    def __reduce__(self):
+        _, (options,) = super().__reduce__()
+        return _s3_from_options, (options,)
+
+
+def _s3_from_options(options: dict) -> pafs.S3FileSystem:
+    return _S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS))
+
+
+def boto_config():
+    """botocore's settings for every boto3 client the project makes: the same bounded retries as pyarrow."""
+    from botocore.config import Config
+
+    # botocore's `max_attempts` counts retries only; `total_max_attempts` counts as pyarrow does.
+    return Config(retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"})
+
+
+def s3_client():
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint(), config=boto_config())
+
+
+def ray_env_vars() -> dict[str, str]:
+    """This process's S3 endpoint and region variables, for Ray workers' `runtime_env`.
+
+    Ray workers inherit the raylet's environment, not the driver's: without these, a job run
+    with AWS_ENDPOINT_URL set would list through that endpoint but read and write elsewhere.
+    """
+    return {k: os.environ[k] for k in RAY_FORWARDED_ENV if k in os.environ}
+
+
+def init_ray() -> None:
+    """Start or join Ray with `ray_env_vars()` passed on to every worker of the job.
+
+    Does nothing when Ray is already up or there is nothing to pass on (Ray then starts as before).
+    """
+    import ray
+
+    # A submitted job's own env_vars already reach its workers, and Ray refuses a key named twice.
+    env = {k: v for k, v in ray_env_vars().items() if k not in _submitted_job_env()}
+    if env and not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env})
+
+
+def _submitted_job_env() -> dict:
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
+
+
 _BUCKET_REGIONS: dict[str, str] = {}  # bucket -> region, asked of AWS once per process
 
 
@@ -47,9 +119,9 @@ def s3_filesystem(bucket: str | None = None) -> pafs.S3FileSystem:
                 except (OSError, ValueError) as exc:  # no such bucket, no network, not a bucket name
                     raise UsageError(f"cannot find the region of bucket s3://{bucket}: {exc}") from None
             region = _BUCKET_REGIONS[bucket]
-        return pafs.S3FileSystem(region=region)
+        return _s3_from_options({"region": region})
     scheme = "http" if endpoint.startswith("http://") else "https"
-    return pafs.S3FileSystem(endpoint_override=endpoint, scheme=scheme, region=region or "us-east-1")
+    return _s3_from_options({"endpoint_override": endpoint, "scheme": scheme, "region": region or "us-east-1"})
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -231,13 +303,11 @@ def delete(uri: str) -> None:
 
 def s3_put_if_absent(uri: str, data: bytes) -> bool:
     """PUT an object only if none exists at `uri` (S3 conditional write); False if one does."""
-    import boto3
     from botocore.exceptions import ClientError
 
     bucket, _, key = uri[len("s3://") :].partition("/")
-    client = boto3.client("s3", endpoint_url=s3_endpoint())
     try:
-        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         return True
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):

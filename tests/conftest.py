@@ -7,6 +7,7 @@ Ray worker reaches the same server with the same (fake) credentials.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -62,6 +63,18 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
+def fault_proxy(s3_server):
+    """A fault-injecting HTTP proxy in front of the S3 server (tests/faultproxy.py); no faults until asked."""
+    from faultproxy import FaultProxy
+
+    proxy = FaultProxy(s3_server).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture(scope="session")
 def s3(s3_server):
     return boto3.client("s3", endpoint_url=s3_server)
 
@@ -101,7 +114,7 @@ def ray_head(s3_server):
     os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled")
     try:
         _wait_for_port(dashboard_port, head)
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env}
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env, "pid": head.pid}
     finally:
         import ray
 
@@ -148,6 +161,43 @@ def tiny_folders(tmp_path_factory) -> Path:
 def tiny_shards(tmp_path_factory) -> Path:
     """The same 24 faces as 3 WebDataset shards."""
     return synth.make_data(tmp_path_factory.mktemp("shards"), n=24, seed=3, shards=3)
+
+
+@contextlib.contextmanager
+def joined_node(ray_session, cpus: int = 1, name: str = "second_node"):
+    """Another raylet joined to the session head: `cpus` CPUs, a declared GPU (TensorFlow still runs on
+    the CPU: only Ray's placement is under test), a resource `name` and its own temp dir; stopped after,
+    with every process it started (it may have been killed on purpose)."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="hsray2-", dir="/tmp")
+    node = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={ray_session['address']}",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=1", f'--resources={{"{name}": 1}}',
+            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        ],
+        env=ray_session["env"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while ray.cluster_resources().get(name) != 1:
+            assert node.poll() is None and time.monotonic() < deadline, f"the node {name} did not join"
+            time.sleep(1)
+        yield node
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # what is left of its session: workers of a killed raylet
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+        deadline = time.monotonic() + 60
+        while ray.cluster_resources().get(name) and time.monotonic() < deadline:
+            time.sleep(1)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

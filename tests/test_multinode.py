@@ -4,52 +4,14 @@ Data, model and outputs live on the S3 server only, so nothing can work by
 sharing the driver's local run directory.
 """
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
-from conftest import BUCKET, REPO, upload_tree
+from conftest import BUCKET, REPO, joined_node, upload_tree
 from happysad import storage, synth
-
-
-@contextlib.contextmanager
-def joined_node(ray_session, cpus: int = 1):
-    """A second raylet joined to the session head: `cpus` CPUs, a declared GPU (TensorFlow still runs on
-    the CPU: only Ray's placement is under test), a `second_node` resource and its own temp dir; stopped after."""
-    import ray
-
-    temp_dir = tempfile.mkdtemp(prefix="hsray2-", dir="/tmp")
-    node = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={ray_session['address']}",
-            "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=1", '--resources={"second_node": 1}',
-            f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        ],
-        env=ray_session["env"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while ray.cluster_resources().get("second_node") != 1:
-            assert node.poll() is None and time.monotonic() < deadline, "the second node did not join"
-            time.sleep(1)
-        yield node
-    finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while ray.cluster_resources().get("second_node") and time.monotonic() < deadline:
-            time.sleep(1)
 
 
 def alive_node_ids() -> set:
