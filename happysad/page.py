@@ -158,7 +158,8 @@ def _worst_section(worst: list[dict]) -> str:
         heading = f"The {len(worst)} worst errors (highest loss)"
         note = ""
     else:
-        heading = f"All {wrong} errors, then the highest-loss correct calls ({len(worst)} images)"
+        errors = "No error" if wrong == 0 else "The only error" if wrong == 1 else f"All {wrong} errors"
+        heading = f"{errors}, then the highest-loss correct calls ({len(worst)} images)"
         note = "<p class='note'>Fewer errors than thumbnails: after the errors come the correct calls with the highest loss, marked <span class='tag ok'>correct</span>.</p>"
     figures = "".join(_figure(row) for row in worst) or "<p class='note'>No labelled image was scored.</p>"
     legend = "<p class='note'>Each: the face, and beside it the Grad-CAM heat map for the label the model gave (red = most evidence).</p>"

@@ -1,5 +1,6 @@
 """evaluate: metrics that follow from predictions.parquet alone, a page a browser shows, bad input refused at once."""
 
+import io
 import json
 import re
 import shutil
@@ -12,8 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
-from happysad import synth
+from conftest import BUCKET, run_cli, upload_tree
+from happysad import storage, synth
 from happysad.decode import decode_image
 from happysad.evaluate import EvaluateConfig, binary_metrics, run
 from happysad.model import build_model
@@ -164,6 +165,20 @@ def test_report_shows_in_a_browser_with_matrix_and_16_thumbnails(evaluated, tmp_
     table = pq.read_table(evaluated / "predictions.parquet").to_pylist()
     wrong = [r for r in table if r["error"] is None and r["label"] != r["true_label"]]
     assert len(errors) == min(16, len(wrong))
+
+
+def test_s3_folders_and_local_shards_in_s3_out(ray_session, s3, labelled_set, tiny_shards, run_dir):
+    data = upload_tree(s3, labelled_set, "eval/faces")
+    output = f"s3://{BUCKET}/eval/out"
+    run(EvaluateConfig(data=(data, str(tiny_shards)), output=output, model=str(run_dir), batch_size=8))
+    result = json.loads(storage.read_bytes(f"{output}/evaluation.json"))
+    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/predictions.parquet")))
+    paths = table["path"].to_pylist()
+    assert result["n"] == 40 + 24 and len(paths) == 41 + 24
+    assert sum(p.startswith(f"{data}/") for p in paths) == 41 and sum("#" in p for p in paths) == 24
+    shard_labels = {r["path"]: r["true_label"] for r in table.to_pylist() if "#" in r["path"]}
+    assert set(shard_labels.values()) == {"happy", "sad"}
+    assert b"id='confusion-matrix'" in storage.read_bytes(f"{output}/report.html")
 
 
 @pytest.fixture(scope="module")
