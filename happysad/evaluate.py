@@ -171,7 +171,8 @@ def skipped_reasons(table: pa.Table, listing_skipped: dict) -> dict:
     """Inputs that count toward no metric, by reason: listing skips, read/decode errors, no label."""
     skipped = Counter(listing_skipped)
     skipped.update(e for e in table["error"].to_pylist() if e)
-    unlabelled = pc.and_(pc.is_null(table["error"]), pc.invert(pc.fill_null(pc.is_in(table["true_label"], pa.array(sources.CLASSES)), False)))
+    labelled = pc.fill_null(pc.is_in(table["true_label"], pa.array(sources.CLASSES)), False)
+    unlabelled = pc.and_(pc.is_null(table["error"]), pc.invert(labelled))
     skipped["no_label"] += pc.sum(pc.cast(unlabelled, pa.int64())).as_py() or 0
     return {k: v for k, v in sorted(skipped.items()) if v}
 
@@ -320,7 +321,8 @@ def run(config: EvaluateConfig) -> dict:
 
 
 def _summary_line(result: dict, output: str) -> str:
-    shown = {k: f"{result[k]:.4f}" if result[k] is not None else f"n/a ({result['undefined'][k]})" for k in ("accuracy", "f1", "auc", "loss")}
+    names = ("accuracy", "f1", "auc", "loss")
+    shown = {k: f"{result[k]:.4f}" if result[k] is not None else f"n/a ({result['undefined'][k]})" for k in names}
     skipped = sum(result["skipped"].values())
     return f"evaluated {result['n']} images at threshold {result['threshold']:.3f}: " + "  ".join(
         f"{k} {v}" for k, v in shown.items()

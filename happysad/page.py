@@ -104,11 +104,12 @@ def _metric_cards(metrics: dict) -> str:
     cards = []
     for key, name in METRIC_NAMES:
         value = metrics.get(key)
-        if value is None:
+        if value is None:  # undefined: n/a and why, never a 0 that looks measured
             why = metrics.get("undefined", {}).get(key, "not measured")
-            cards.append(f"<div class='card undefined' data-metric='{key}'><div class='name'>{name}</div><div class='value'>n/a</div><div class='why'>{_e(why)}</div></div>")
+            inner, kind = f"<div class='value'>n/a</div><div class='why'>{_e(why)}</div>", "card undefined"
         else:
-            cards.append(f"<div class='card' data-metric='{key}'><div class='name'>{name}</div><div class='value'>{value:.4f}</div></div>")
+            inner, kind = f"<div class='value'>{value:.4f}</div>", "card"
+        cards.append(f"<div class='{kind}' data-metric='{key}'><div class='name'>{name}</div>{inner}</div>")
     return f"<section id='metrics'><h2>Metrics at threshold {metrics['threshold']:.3f} (n = {metrics['n']})</h2><div class='cards'>{''.join(cards)}</div></section>"
 
 

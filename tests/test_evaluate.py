@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BUCKET, run_cli, upload_tree
+from conftest import BUCKET, REPO, run_cli, upload_tree
 from happysad import storage, synth
 from happysad.decode import decode_image
 from happysad.evaluate import EvaluateConfig, binary_metrics, run
@@ -179,6 +180,21 @@ def test_s3_folders_and_local_shards_in_s3_out(ray_session, s3, labelled_set, ti
     shard_labels = {r["path"]: r["true_label"] for r in table.to_pylist() if "#" in r["path"]}
     assert set(shard_labels.values()) == {"happy", "sad"}
     assert b"id='confusion-matrix'" in storage.read_bytes(f"{output}/report.html")
+
+
+def test_job_entry_point_with_a_threshold_override(ray_session, tiny_folders, run_dir, tmp_path):
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "jobs/evaluate.py", "--model", str(run_dir / "model.keras"), "--data", str(tiny_folders),
+         "--output", str(output), "--threshold", "0.6", "--batch-size", "8"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluation = json.loads((output / "evaluation.json").read_text())
+    assert evaluation["threshold"] == 0.6 and evaluation["n"] == 24
+    assert "evaluated 24 images at threshold 0.600" in result.stdout
+    rows = pq.read_table(output / "predictions.parquet").to_pylist()
+    assert all(r["label"] == ("sad" if r["score"] >= 0.6 else "happy") for r in rows)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import re
 
 import cv2
 import numpy as np
-import pytest
 
 from happysad import synth
 from happysad.evaluate import binary_metrics, curves
