@@ -6,8 +6,8 @@
 
 The labelled rows come from the same Ray Data read as training
 (`sources.labelled_images`: class folders or WebDataset shards, local or S3)
-and are scored by the same replicas as `score` (`score.Replica` in the same
-actor pool), carrying each row's `true_label` through. The driver then reads
+and are scored by the same replicas as `score` (`score.Replica`, in the same
+actor pool, with each row's `true_label` carried through). The driver then reads
 back only (score, true_label) and computes every metric with numpy, so the
 numbers in evaluation.json follow from predictions.parquet alone.
 """
@@ -201,6 +201,19 @@ def _as_score_rows(batch: pa.Table) -> pa.Table:
     )
 
 
+def _decode_labelled(batch: dict, max_bytes: int) -> dict:
+    """score's decode stage (--gpu), keeping each row's true_label."""
+    return score.decode_batch(batch, max_bytes) | {"true_label": batch["true_label"]}
+
+
+class LabelledReplica(score.Replica):
+    """score's replica (same model load, batching and schema), keeping each row's true_label."""
+
+    def __call__(self, batch: dict) -> pa.Table:
+        labels = pa.array(list(batch["true_label"]), pa.string())
+        return super().__call__(batch).append_column("true_label", labels)
+
+
 def _worker_env() -> dict | None:
     # Workers inherit the raylet's environment, not ours: pass on the Keras backend and the S3 endpoint.
     env = {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ} | storage.ray_env_vars()
@@ -213,10 +226,10 @@ def predict(labelled, model: score.Model, config: score.ScoreConfig) -> pa.Table
     env = _worker_env()
     if config.gpu:  # as score: decode on every CPU, replicas only predict
         ds = ds.map_batches(
-            score.decode_batch, fn_kwargs={"max_bytes": config.max_bytes}, batch_size=config.batch_size, num_cpus=1, runtime_env=env
+            _decode_labelled, fn_kwargs={"max_bytes": config.max_bytes}, batch_size=config.batch_size, num_cpus=1, runtime_env=env
         )
     scored = ds.map_batches(
-        score.Replica,
+        LabelledReplica,
         fn_constructor_kwargs={"model": model, "batch_size": config.batch_size, "max_bytes": config.max_bytes},
         batch_size=config.batch_size,
         compute=score._replica_pool(config),

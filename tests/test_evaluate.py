@@ -119,6 +119,23 @@ def test_ties_count_half_in_auc():
     assert tied["auc"] == pytest.approx(0.875)  # pairs: (0.5,0.5) half, (0.5,0.2) 1, (0.9,0.5) 1, (0.9,0.2) 1
 
 
+def test_both_placements_keep_true_label(labelled_set, run_dir):
+    """CPU: the replica reads and decodes; --gpu: a decode stage first. Both give the same rows, labels kept."""
+    from happysad.evaluate import LabelledReplica, _decode_labelled
+    from happysad.score import open_model
+
+    paths = sorted(labelled_set.glob("*/*.*"))[:6]
+    batch = {
+        "path": [str(p) for p in paths], "bytes": [p.read_bytes() for p in paths], "error": [None] * 6,
+        "source": [b""] * 6, "size": [0] * 6, "true_label": [p.parent.name for p in paths],
+    }
+    replica = LabelledReplica(open_model(str(run_dir)), batch_size=4, max_bytes=1 << 20)
+    on_cpu = replica(dict(batch)).to_pylist()
+    on_gpu_path = replica(_decode_labelled(dict(batch), 1 << 20)).to_pylist()
+    assert on_cpu == on_gpu_path and [r["true_label"] for r in on_cpu] == batch["true_label"]
+    assert {r["error"] for r in on_cpu} == ({None, "not_an_image"} if any("broken" in p.name for p in paths) else {None})
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
