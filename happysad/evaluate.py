@@ -246,7 +246,23 @@ def predict(labelled, model: score.Model, config: score.ScoreConfig) -> pa.Table
 
 
 def fetch_images(labelled, paths: list[str]) -> dict[str, bytes]:
-    """The bytes of a few rows, read again: predictions keep no bytes, and a shard member has no file of its own."""
+    """The bytes of a few rows, read again (predictions keep no bytes).
+
+    A file is read directly; a shard member (`SHARD#MEMBER`), or a name that cannot be
+    opened as written, is found by one more pass over the dataset.
+    """
+    found = {}
+    for path in paths:
+        if "#" not in path:
+            try:
+                found[path] = storage.read_bytes(path)
+            except OSError:
+                continue
+    missing = [p for p in paths if p not in found]
+    return found | (_scan_for(labelled, missing) if missing else {})
+
+
+def _scan_for(labelled, paths: list[str]) -> dict[str, bytes]:
     wanted = set(paths)  # a few paths: small enough to travel with each task
 
     def keep(batch: pa.Table, wanted) -> pa.Table:

@@ -197,6 +197,13 @@ def test_s3_folders_and_local_shards_in_s3_out(ray_session, s3, labelled_set, ti
     shard_labels = {r["path"]: r["true_label"] for r in table.to_pylist() if "#" in r["path"]}
     assert set(shard_labels.values()) == {"happy", "sad"}
     assert b"id='confusion-matrix'" in storage.read_bytes(f"{output}/report.html")
+    # A thumbnail's bytes: a file is read directly, a shard member found in the dataset.
+    from happysad.evaluate import fetch_images
+    from happysad.sources import labelled_images
+
+    member, file = next(iter(shard_labels)), next(p for p in paths if p.startswith(f"{data}/sad/"))
+    found = fetch_images(labelled_images([data, str(tiny_shards)])[0], [member, file])
+    assert all(decode_image(found[p]).shape == (256, 256, 3) for p in (member, file))
 
 
 def test_job_entry_point_with_a_threshold_override(ray_session, tiny_folders, run_dir, tmp_path):
