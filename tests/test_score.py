@@ -104,6 +104,9 @@ def test_one_row_per_input_with_errors_and_parity(ray_session, model_file, mixed
     model_id = hashlib.sha256(model_file.read_bytes()).hexdigest()[:16]
     model = load_model(str(model_file))
     schema = pq.read_schema(next(Path(output).glob("*.parquet")))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {f.stat().st_mode & 0o777 for f in Path(output).glob("*.parquet")} == {0o666 & ~umask}  # shareable, as umask says
     assert [(f.name, str(f.type)) for f in schema] == [
         ("path", "string"), ("score", "float"), ("label", "string"), ("error", "string"), ("model", "string")
     ]

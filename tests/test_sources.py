@@ -138,6 +138,15 @@ def test_local_write_is_atomic_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        storage.write_bytes(str(tmp_path / "shared.json"), b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
 # --- the split -------------------------------------------------------------
 
 def blobs(n: int, start: int = 0) -> list[bytes]:
