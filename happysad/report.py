@@ -1,4 +1,4 @@
-"""The run directory's files: model.keras, metrics.json, history.csv, curves.png, tensorboard/.
+"""The run directory's files: model.keras, model.json, metrics.json, history.csv, curves.png, tensorboard/.
 
 A metric that is undefined (no rows, or one class only) is None here, null in
 JSON, an empty cell in history.csv, absent from curves and TensorBoard, and
@@ -13,12 +13,15 @@ import json
 import os
 import tempfile
 
+import numpy as np
+
 from happysad import storage
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "images_per_second", "images")
 METRICS = ("loss", "accuracy", "precision", "recall", "auc")
 # Fixed event file names: a resumed run replaces its files instead of adding a second copy of every scalar.
 TENSORBOARD_FILES = {"train": "train/events.out.tfevents.happysad", "val": "val/events.out.tfevents.happysad"}
+DEFAULT_THRESHOLD = 0.5  # kept when validation cannot choose one
 
 
 def defined_metrics(values: dict, split: str, happy: int, sad: int, predicted_sad: float) -> dict:
@@ -38,6 +41,30 @@ def defined_metrics(values: dict, split: str, happy: int, sad: int, predicted_sa
             reasons["precision"] = "no sad predictions"
     measured = {name: None if name in reasons else float(values[name]) for name in METRICS}
     return measured | {"n": happy + sad, "undefined": reasons}
+
+
+def choose_threshold(thresholds, tp, fp, fn, happy: int, sad: int) -> dict:
+    """The decision threshold with the best F1 (sad = positive) on validation, as metrics.json's "threshold".
+
+    `tp`, `fp`, `fn`: weighted counts of the val rows scored above each of
+    `thresholds`. Among equally good thresholds (a plateau between the classes'
+    scores) the middle one is taken, not the edge. With no val split, or only
+    one class in it, F1 cannot choose: DEFAULT_THRESHOLD, and why.
+    """
+    if happy + sad == 0:
+        return {"value": DEFAULT_THRESHOLD, "chosen_on": None, "f1": None, "reason": "no val split"}
+    if happy == 0 or sad == 0:
+        return {"value": DEFAULT_THRESHOLD, "chosen_on": None, "f1": None, "reason": "one class only in the val split"}
+    tp, fp, fn = (np.asarray(a, np.float64) for a in (tp, fp, fn))
+    f1 = 2 * tp / (2 * tp + fp + fn)  # > 0 denominators: the val split holds sad images
+    tied = np.flatnonzero(f1 == f1.max())
+    best = tied[len(tied) // 2]
+    return {"value": float(np.clip(thresholds[best], 0.0, 1.0)), "chosen_on": "val", "f1": float(f1[best])}
+
+
+def model_json(threshold: float, classes, image_size: int) -> bytes:
+    """model.json beside model.keras: what `score` and `predict` need besides the weights."""
+    return json.dumps({"threshold": threshold, "classes": list(classes), "image_size": image_size}, indent=2).encode()
 
 
 def shown(metrics: dict, name: str) -> str:
@@ -108,10 +135,18 @@ def tensorboard_files(history: list[dict]) -> dict[str, bytes]:
     return files
 
 
-def write_run(output: str, model_bytes: bytes, metrics: dict, history: list[dict], tensorboard: dict[str, bytes]) -> None:
+def write_run(
+    output: str, model_bytes: bytes, model_info: bytes, metrics: dict, history: list[dict], tensorboard: dict[str, bytes]
+) -> None:
+    # model.json first: whoever finds model.keras also finds its threshold.
+    storage.write_bytes(storage.join(output, "model.json"), model_info)
     storage.write_bytes(storage.join(output, "model.keras"), model_bytes)
     storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(metrics, indent=2).encode())
     storage.write_bytes(storage.join(output, "history.csv"), history_csv(history))
     storage.write_bytes(storage.join(output, "curves.png"), curves_png(history))
     for name, data in tensorboard.items():
         storage.write_bytes(storage.join(output, "tensorboard", name), data)
+    from happysad import page  # Ray and Keras in the driver only: workers import this module too
+
+    # Last: the page scores the test split with the model.keras and model.json written above.
+    storage.write_bytes(storage.join(output, "report.html"), page.training_page(output, metrics, history))

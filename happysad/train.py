@@ -1,8 +1,15 @@
 """Training on Ray: decode in Ray Data, split by content hash, Ray Train workers run train_loop.
 
-    URIs -> sources -> decode (Ray Data, CPU) -> drop unusable rows (counted by reason)
-         -> split -> pad each split to a multiple of the workers
+    URIs -> sources -> index: decode every row once, keep (label, split, hash, error)
+         -> counts, conflicts, checks -> each split, padded to a multiple of the workers
          -> TensorflowTrainer(train_loop_per_worker) -> run directory
+
+Cache: when the decoded images fit CACHE_FRACTION of Ray's object store, the
+index keeps them and each split is materialized from it (decoded once, reused
+every epoch); otherwise each epoch reads and decodes its split again,
+streaming, and only the small index is kept. Both deliver the same rows in the same order (listing order, shuffled
+by the seed; execution with preserve_order), so a run's batches do not
+depend on the cache with one worker.
 """
 
 from __future__ import annotations
@@ -13,15 +20,18 @@ import logging
 import secrets
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from happysad import inputs, report, sources, storage, synth
 from happysad.decode import DecodeError, decode_image
+from happysad.model import IMAGE_SIZE
 from happysad.split import SPLITS, split_of
 from happysad.storage import UsageError
 from happysad.train_loop import train_loop_per_worker
@@ -30,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # A resume that changed one of these would mix two runs: another split, batch or optimizer.
 RESUME_GUARDED = ("data", "seed", "val_fraction", "test_fraction", "learning_rate", "batch_size", "workers")
+CACHE_MODES = ("auto", "memory", "none")
+CACHE_FRACTION = 0.5  # --cache auto caches decoded images that fit this share of the object store (held twice while split)
+DECODED_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # one decoded image in the object store
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     resume: bool = False  # continue from the last checkpoint under output
     allow_one_class: bool = False  # train even when the data holds only happy or only sad images
+    cache: str = "auto"  # keep decoded images in the object store across epochs: auto (if they fit), memory, none
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
     collective_timeout_s: float = 600  # a collective stuck this long fails instead of hanging
 
@@ -64,6 +78,8 @@ class TrainConfig:
             if not ok:
                 value = getattr(self, flag[2:].replace("-", "_"))
                 raise UsageError(f"{flag} {value} is out of range")
+        if self.cache not in CACHE_MODES:
+            raise UsageError(f"--cache {self.cache}: expected one of {', '.join(CACHE_MODES)}")
         if self.batch_size % self.workers:
             raise UsageError(f"--batch-size {self.batch_size} is not a multiple of --workers {self.workers}")
         if self.resume and not self.output:
@@ -72,14 +88,19 @@ class TrainConfig:
             raise UsageError(f"--output {self.output}: a bucket root cannot hold a run; name a folder, e.g. {self.output.rstrip('/')}/runs/exp1")
 
 
-def decode_for_training(batch: dict, seed: int, val_fraction: float, test_fraction: float) -> dict:
+def decode_for_training(
+    batch: dict, seed: int, val_fraction: float, test_fraction: float, keep_images: bool = True, only: str | None = None
+) -> dict:
     """Decode a batch; unusable rows keep a zero image and their reason in `error`.
 
     A row that sources already marked (e.g. read_failed) keeps that reason and is
     not decoded. `hash` identifies the bytes, so contradicting copies can be found.
+    Without `keep_images` the rows are still decoded (to find the unusable ones)
+    but come back without an image column: an index. With `only`, rows of other
+    splits are not decoded.
     """
     n = len(batch["bytes"])
-    images = np.zeros((n, 256, 256, 3), np.uint8)
+    images = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) if keep_images else None
     errors, splits, hashes = [""] * n, [""] * n, [""] * n
     for i, (data, label, error) in enumerate(zip(batch["bytes"], batch["label"], batch["error"])):
         if isinstance(error, str) and error:  # "no error" can arrive as None or NaN (an all-null column)
@@ -87,14 +108,23 @@ def decode_for_training(batch: dict, seed: int, val_fraction: float, test_fracti
             continue
         splits[i] = split_of(data, seed, val_fraction, test_fraction)
         hashes[i] = hashlib.blake2b(data, digest_size=16).hexdigest()
-        try:
-            images[i] = decode_image(data)
-        except DecodeError as exc:
-            errors[i] = exc.reason
+        if only is None or splits[i] == only:
+            try:
+                image = decode_image(data)
+                if keep_images:
+                    images[i] = image
+            except DecodeError as exc:
+                errors[i] = exc.reason
         if label not in sources.CLASSES:
             errors[i] = errors[i] or "no_label"
     labels = [sources.CLASSES.index(x) if x in sources.CLASSES else -1 for x in batch["label"]]
-    return {"image": images, "label": np.array(labels, np.int8), "split": splits, "hash": hashes, "error": errors}
+    rows = {"label": np.array(labels, np.int8), "split": splits, "hash": hashes, "error": errors}
+    return rows | {"image": images} if keep_images else rows
+
+
+def decode_split(batch: dict, split: str, conflicts: list[str], seed: int, val_fraction: float, test_fraction: float) -> dict:
+    """The usable rows of one split, decoded (only that split's rows are): the streamed path's per-epoch map."""
+    return select_split(decode_for_training(batch, seed, val_fraction, test_fraction, only=split), split, conflicts)
 
 
 def conflicting_hashes(decoded) -> set[str]:
@@ -107,10 +137,17 @@ def conflicting_hashes(decoded) -> set[str]:
     return {row["hash"] for row in by_hash.iter_rows() if row["min(label)"] != row["max(label)"]}
 
 
-def select_split(batch: dict, split: str, conflicts: list[str]) -> dict:
-    """The usable rows of one split, each with weight 1."""
-    keep = (batch["split"] == split) & (batch["error"] == "") & ~np.isin(batch["hash"], conflicts)
-    return {"image": batch["image"][keep], "label": batch["label"][keep], "weight": np.ones(int(keep.sum()), np.float32)}
+def select_split(batch: dict, split: str, conflicts: list[str]) -> pa.Table:
+    """The usable rows of one split, each with weight 1.
+
+    A table, not a dict of arrays: Ray cannot type a 0-row image array (a batch
+    with no row of this split) and would store the column as pickled objects.
+    """
+    from ray.data.extensions import ArrowTensorArray
+
+    keep = (np.asarray(batch["split"]) == split) & (np.asarray(batch["error"]) == "") & ~np.isin(batch["hash"], conflicts)
+    image = ArrowTensorArray.from_numpy(np.asarray(batch["image"])[keep])
+    return pa.table({"image": image, "label": np.asarray(batch["label"])[keep], "weight": np.ones(int(keep.sum()), np.float32)})
 
 
 def zero_weight(batch: dict) -> dict:
@@ -118,18 +155,25 @@ def zero_weight(batch: dict) -> dict:
     return batch | {"weight": np.zeros(len(batch["label"]), np.float32)}
 
 
+def padding_rows(real: int, workers: int) -> int:
+    """Weight-0 rows that bring a split of `real` rows to a multiple of `workers` (none for an empty split)."""
+    return (-real) % workers if real else 0
+
+
 def pad_to_multiple(ds, real: int, workers: int):
-    """`ds` (of `real` rows) plus weight-0 copies of its rows, up to a multiple of `workers` rows.
+    """`ds` (of `real` rows) plus weight-0 copies of its first rows, up to a multiple of `workers` rows.
 
     Ray Train splits equally and drops the remainder: padding means no real row is
     dropped. Rows repeat as often as needed, so 1 row and 4 workers give 4 rows.
+    The copies (at most workers - 1) are materialized: a streamed `ds` is not read twice.
     """
-    extra = (-real) % workers
-    if real == 0 or extra == 0:
+    extra = padding_rows(real, workers)
+    if extra == 0:
         return ds
-    copies = -(-extra // real)  # ceil: enough copies of the split to take `extra` rows from
-    repeated = ds.union(*[ds] * (copies - 1)) if copies > 1 else ds
-    return ds.union(repeated.limit(extra).map_batches(zero_weight, batch_format="numpy"))
+    first = ds.limit(min(extra, real)).materialize()
+    copies = -(-extra // first.count())  # ceil: enough copies to take `extra` rows from
+    repeated = first.union(*[first] * (copies - 1)) if copies > 1 else first
+    return ds.union(repeated.limit(extra).map_batches(zero_weight, batch_format="numpy").materialize())
 
 
 def count_rows(decoded, conflicts: set[str]) -> tuple[Counter, Counter]:
@@ -154,30 +198,111 @@ class Prepared:
     skipped: dict  # reason -> rows (listing and reading included)
     rows: dict  # split -> rows including padding
     real: dict  # split -> usable rows
+    cache: dict  # {"mode": "memory" | "none", "reason": why}
 
 
 def prepare_datasets(config: TrainConfig, uris: list[str]) -> Prepared:
-    """Decode once (materialized), count, refuse unusable data, split and pad."""
-    labelled, listing_skipped = sources.labelled_images(uris, shuffle_seed=config.seed)
-    decoded = labelled.map_batches(
-        decode_for_training,
-        fn_kwargs={"seed": config.seed, "val_fraction": config.val_fraction, "test_fraction": config.test_fraction},
-        batch_size=32,
-    ).materialize()
-    conflicts = conflicting_hashes(decoded)
-    counts, skipped = count_rows(decoded, conflicts)
-    skipped.update(listing_skipped)
-    count_table = {s: {c: counts[(s, c)] for c in sources.CLASSES} for s in SPLITS}
-    _check_counts(config, uris, count_table, skipped)
-    datasets, rows, real = {}, {}, {}
-    for split in SPLITS:
-        real[split] = sum(count_table[split].values())
-        ds = decoded.map_batches(select_split, fn_kwargs={"split": split, "conflicts": sorted(conflicts)}, batch_format="numpy")
-        ds = pad_to_multiple(ds, real[split], config.workers).materialize()
-        rows[split] = ds.count()
-        # A fresh block order each epoch; the workers' shuffle buffer mixes within blocks.
-        datasets[split] = ds.randomize_block_order() if split == "train" else ds
-    return Prepared(datasets, count_table, dict(skipped), rows, real)
+    """Index every row, count, refuse unusable data, then each split, padded (cached or streamed: `--cache`)."""
+    split_args = {"seed": config.seed, "val_fraction": config.val_fraction, "test_fraction": config.test_fraction}
+    with _ordered():
+        labelled, listing_skipped = sources.labelled_images(uris, shuffle_seed=config.seed)
+        cache = choose_cache(config, uris, labelled)
+        print(f"cache: {cache['mode']} ({cache['reason']})", flush=True)
+        memory = cache["mode"] == "memory"
+        # The index keeps the decoded images only when they are the cache; streamed, it is a few bytes a row.
+        index = labelled.map_batches(decode_for_training, fn_kwargs=split_args | {"keep_images": memory}, batch_size=32)
+        index = index.materialize()
+        conflicts = conflicting_hashes(index)
+        counts, skipped = count_rows(index, conflicts)
+        skipped.update(listing_skipped)
+        count_table = {s: {c: counts[(s, c)] for c in sources.CLASSES} for s in SPLITS}
+        _check_counts(config, uris, count_table, skipped)
+        datasets, rows, real = {}, {}, {}
+        for split in SPLITS:
+            real[split] = sum(count_table[split].values())
+            chosen = {"split": split, "conflicts": sorted(conflicts)}
+            if memory:
+                ds = index.map_batches(select_split, fn_kwargs=chosen, batch_format="numpy")
+            else:  # each epoch reads again and decodes only this split's rows
+                ds = labelled.map_batches(decode_split, fn_kwargs=chosen | split_args, batch_size=32)
+            ds = pad_to_multiple(ds, real[split], config.workers)
+            # Cached splits are materialized: an epoch then runs no Ray task, so the workers may hold every CPU.
+            # Until `index` is released on return the decoded images are held twice (hence CACHE_FRACTION).
+            datasets[split] = ds.materialize() if memory else ds
+            rows[split] = real[split] + padding_rows(real[split], config.workers)
+    return Prepared(datasets, count_table, dict(skipped), rows, real, cache)
+
+
+@contextmanager
+def _ordered():
+    """Datasets made inside keep their rows in order (Ray Data snapshots the context at creation).
+
+    The order is then the listing's, shuffled by the seed in sources, in both cache modes.
+    """
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
+
+
+def choose_cache(config: TrainConfig, uris: list[str], labelled) -> dict:
+    """--cache's decision for this data on this cluster: {"mode": "memory" | "none", "reason": ...}."""
+    import ray
+
+    resources = ray.cluster_resources()
+    images, how = count_images(uris, labelled) if config.cache == "auto" else (0, "")
+    store, cpus = resources.get("object_store_memory", 0), resources.get("CPU", 0)
+    return cache_mode(config.cache, images, how, store, cpus, config.workers)
+
+
+def cache_mode(flag: str, images: int, how: str, store: float, cpus: float, workers: int) -> dict:
+    """Cache in memory when the decoded images fit CACHE_FRACTION of the object store, else stream.
+
+    Streaming decodes while the workers train, so it needs a CPU that they (one
+    each) do not hold: without one its read tasks would wait forever. Fewer CPUs
+    than workers means the cluster has yet to grow, which cannot be judged now.
+    """
+    no_spare_cpu = workers <= cpus < workers + 1
+    if flag == "none" and no_spare_cpu:
+        raise UsageError(
+            f"--cache none: the {workers} workers hold all {cpus:g} CPUs and streaming needs one more to decode; "
+            "use --cache memory or fewer --workers"
+        )
+    if flag != "auto":
+        return {"mode": flag, "reason": f"--cache {flag}"}
+    decoded = images * DECODED_BYTES
+    fits = decoded <= CACHE_FRACTION * store
+    reason = (
+        f"{images} images ({how}) decode to {decoded / 1e6:,.0f} MB, "
+        f"{'within' if fits else 'over'} {CACHE_FRACTION:.0%} of the {store / 1e6:,.0f} MB object store"
+    )
+    if fits:
+        return {"mode": "memory", "reason": reason}
+    if no_spare_cpu:
+        spare = f"; cached anyway: the {workers} workers hold all {cpus:g} CPUs, streaming needs one more (Ray spills the excess to disk)"
+        return {"mode": "memory", "reason": reason + spare}
+    return {"mode": "none", "reason": reason + ": decoding every epoch"}
+
+
+def count_images(uris: list[str], labelled) -> tuple[int, str]:
+    """Rows the data will have, before anything is decoded, and how that was found.
+
+    Class folders: files under happy/ or sad/ in the listing (an upper bound: a
+    few may not decode). WebDataset shards hold an unknown number of samples:
+    then a count pass reads the bytes, without decoding them.
+    """
+    files = 0
+    for uri in uris:
+        root = inputs.absolute(uri) + "/"
+        names = [item.uri[len(root) :] for item in storage.list_files(uri)[0]]
+        if any("/" not in name and name.lower().endswith(".tar") for name in names):
+            return labelled.count(), "counted: WebDataset shards read, not decoded"
+        files += sum(name.split("/")[0] in sources.CLASSES and "/" in name for name in names)
+    return files, "from the listing"
 
 
 def _check_counts(config: TrainConfig, uris: list[str], counts: dict, skipped: Counter) -> None:
@@ -255,11 +380,13 @@ def _shown(value) -> str:
 
 
 def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     fs, path = storage.filesystem(output)
     parent, name = path.rsplit("/", 1)  # never a bucket root: TrainConfig refuses it
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # rows reach the workers in the listing's (seeded) order, cached or streamed
     return TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -276,6 +403,7 @@ def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
+        dataset_config=DataConfig(execution_options=ingest),
     )
 
 
@@ -297,19 +425,23 @@ def run(config: TrainConfig) -> dict:
     metrics = {
         "val": returned["val"],
         "test": returned["test"],
+        "threshold": returned["threshold"],
         "images_per_second": float(np.mean([r["images_per_second"] for r in returned["history"]])),
         "skipped": data.skipped,
         "counts": data.counts,
         "epochs": len(returned["history"]),
         "workers": config.workers,
+        "cache": data.cache,
         "replica_weight_hashes": returned["replica_weight_hashes"],
         "wall_seconds": time.perf_counter() - started,
         "config": record,
     }
-    report.write_run(output, returned["model"], metrics, returned["history"], returned["tensorboard"])
+    model_info = report.model_json(returned["threshold"]["value"], sources.CLASSES, IMAGE_SIZE)
+    report.write_run(output, returned["model"], model_info, metrics, returned["history"], returned["tensorboard"])
     test = metrics["test"]
     print(
         f"done: test accuracy {report.shown(test, 'accuracy')}  auc {report.shown(test, 'auc')}  (n={test['n']})  "
+        f"threshold {returned['threshold']['value']:.3f}  "
         f"{metrics['images_per_second']:.1f} img/s  skipped {sum(data.skipped.values())}  run: {output}",
         flush=True,
     )

@@ -5,10 +5,16 @@ is written out: model, optimizer and metrics are built in `strategy.scope()`,
 the loss is scaled by the global batch, and metrics are sum-on-read
 variables whose `result()` is the value over every worker's data.
 
-No hang by construction: before every step all workers all-reduce an
-"I still have a batch" flag and stop together as soon as any one is out, so
-different shard sizes can never leave one worker waiting in a collective. A
-collective stuck for another reason (a dead peer) fails after
+Input: each worker's Ray Data shard becomes a `tf.data` pipeline
+(`worker_batches`): rows -> a seeded shuffle buffer (train only) ->
+per-worker batches -> prefetch, distributed with
+`distribute_datasets_from_function` and no auto-sharding (Ray already shards).
+The order depends only on the rows the shard delivers, the seed and the epoch.
+
+No hang by construction (`Lockstep`): before every step all workers
+all-reduce an "I have a batch" flag and stop together as soon as any one is
+out, so different shard sizes can never leave one worker waiting in a
+collective. A collective stuck for another reason (a dead peer) fails after
 `collective_timeout_s` instead of hanging.
 """
 
@@ -22,6 +28,8 @@ import time
 
 import numpy as np
 
+IMAGE_SHAPE = (256, 256, 3)
+SHUFFLE_ROWS = 256  # per-worker shuffle buffer of the train split: ~50 MB of decoded images
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -29,27 +37,29 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     import ray.train
     import tensorflow as tf
 
-    from happysad.report import defined_metrics, shown
+    from happysad.report import choose_threshold, defined_metrics, shown
 
     config = loop_config["config"]
     rows = loop_config["rows"]  # rows per split, including weight-0 padding
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    counts = loop_config["counts"]  # real rows per split and class
+    rank = ray.train.get_context().get_world_rank()
     tf.keras.utils.set_random_seed(config.seed)
 
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=config.collective_timeout_s)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-    per_worker = config.batch_size // world  # TrainConfig makes the batch a multiple of the workers
-    global_batch = config.batch_size
+    lockstep = Lockstep(strategy)
+    global_batch = config.batch_size  # TrainConfig makes it a multiple of the workers
 
     with strategy.scope():
         model, state = _restore_or_build(config)
         optimizer = model.optimizer
         train_metrics = _metrics(keras, "train")
-        eval_metrics = _metrics(keras, "eval")
+        val_metrics = _metrics(keras, "val")
 
-    def forward(x, y, w, metrics, training):
-        p = model(x, training=training)
+    def forward(batch, metrics, training):
+        y = tf.cast(tf.reshape(batch["label"], (-1, 1)), tf.float32)
+        w = batch["weight"]
+        p = model(batch["image"], training=training)
         per_example = keras.losses.binary_crossentropy(y, p)
         for name, metric in metrics.items():
             if name == "loss":
@@ -59,53 +69,48 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         return tf.nn.compute_average_loss(per_example * w, global_batch_size=global_batch)
 
     @tf.function
-    def train_step(x, y, w):
-        def replica(x, y, w):
+    def train_step(batch):
+        def replica(batch):
             with tf.GradientTape() as tape:
-                loss = forward(x, y, w, train_metrics, training=True)
+                loss = forward(batch, train_metrics, training=True)
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
-        strategy.run(replica, args=(x, y, w))
+        strategy.run(replica, args=(batch,))
 
-    @tf.function
-    def eval_step(x, y, w):
-        strategy.run(lambda x, y, w: forward(x, y, w, eval_metrics, training=False), args=(x, y, w))
-
-    @tf.function
-    def workers_with_a_batch(flag):
-        return strategy.reduce("SUM", strategy.run(tf.identity, args=(flag,)), axis=None)
+    def eval_step_for(metrics):
+        return tf.function(lambda batch: strategy.run(lambda b: forward(b, metrics, training=False), args=(batch,)))
 
     def run_epoch(split: str, step, shuffle_seed: int | None) -> int:
         """One pass over this worker's shard; returns the steps taken (equal on every worker)."""
-        batches = iter(
-            ray.train.get_dataset_shard(split).iter_tf_batches(
-                batch_size=per_worker,
-                local_shuffle_buffer_size=256 if shuffle_seed is not None else None,
-                local_shuffle_seed=shuffle_seed,
-            )
-        )
-        steps = 0
-        while True:
-            batch = next(batches, None)
-            if int(workers_with_a_batch(tf.constant(int(batch is not None)))) < world:
-                return steps
-            y = tf.cast(tf.reshape(batch["label"], (-1, 1)), tf.float32)
-            step(batch["image"], y, tf.cast(batch["weight"], tf.float32))
-            steps += 1
+        shard = ray.train.get_dataset_shard(split)
+        return lockstep.steps(worker_batches(shard, strategy, global_batch, shuffle_seed), step)
 
-    def evaluate(split: str) -> dict:
+    def evaluate(split: str, step, metrics: dict) -> dict:
         """The split's metrics over every worker's rows; undefined ones are None (report.defined_metrics)."""
-        for metric in eval_metrics.values():
+        for metric in metrics.values():
             metric.reset_state()
         if rows[split]:
-            run_epoch(split, eval_step, None)
+            run_epoch(split, step, None)
         # Reading a metric is a collective: every rank reads the same ones in the same order.
-        values = {name: float(metric.result()) for name, metric in eval_metrics.items()}
-        precision = eval_metrics["precision"]
+        values = {name: float(metric.result()) for name, metric in metrics.items()}
+        precision = metrics["precision"]
         predicted_sad = float(np.sum(precision.true_positives.numpy()) + np.sum(precision.false_positives.numpy()))
-        return defined_metrics(values, split, **loop_config["counts"][split], predicted_sad=predicted_sad)
+        return defined_metrics(values, split, **counts[split], predicted_sad=predicted_sad)
 
+    def validate() -> tuple[dict, dict]:
+        """Val metrics at 0.5, and the max-F1 threshold from the same pass.
+
+        The AUC metric's counts are a 1,000-bin histogram of the scores per class,
+        summed over every worker's rows (padding weighs 0): the F1 of each candidate
+        threshold follows from them, with no scores gathered anywhere.
+        """
+        val = evaluate("val", val_step, val_metrics)
+        auc = val_metrics["auc"]
+        tp, fp, fn = (v.numpy() for v in (auc.true_positives, auc.false_positives, auc.false_negatives))
+        return val, choose_threshold(np.array(auc.thresholds), tp, fp, fn, **counts["val"])
+
+    val_step = eval_step_for(val_metrics)
     for epoch in range(state["epoch"], config.epochs):
         for metric in train_metrics.values():
             metric.reset_state()
@@ -116,9 +121,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         images = int(round(float(train_metrics["loss"].count.numpy())))
         row = {"epoch": epoch + 1, "images_per_second": images / seconds, "images": images}
         row |= {k: float(m.result()) for k, m in train_metrics.items() if k in ("loss", "accuracy")}
-        val = evaluate("val")
+        val, threshold = validate()
         row |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-        state = {"epoch": epoch + 1, "history": state["history"] + [row], "val": val}
+        state = {"epoch": epoch + 1, "history": state["history"] + [row], "val": val, "threshold": threshold}
         if rank == 0:
             print(
                 f"epoch {epoch + 1}/{config.epochs}  loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f}  "
@@ -127,32 +132,105 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             )
         _report(model, state, rank)
 
-    test = evaluate("test")
+    if "threshold" not in state:  # a checkpoint from before thresholds were kept, and no epoch left to run
+        state["val"], state["threshold"] = validate()
+    # The test split is measured at the chosen threshold: the one `score` and `predict` will use.
+    with strategy.scope():
+        test_metrics = _metrics(keras, "test", state["threshold"]["value"])
+    test = evaluate("test", eval_step_for(test_metrics), test_metrics) | {"threshold": state["threshold"]["value"]}
     hashes = _replica_weight_hashes(model, strategy)
     if rank != 0:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save(os.path.join(tmp, "model.keras"))
-        with open(os.path.join(tmp, "model.keras"), "rb") as f:
-            model_bytes = f.read()
     from happysad.report import tensorboard_files  # here, where TF is loaded already: the driver never imports it
 
     return {
         "history": state["history"],
         "val": state["val"],
         "test": test,
-        "model": model_bytes,
+        "threshold": state["threshold"],
+        "model": _inference_model_bytes(model),
         "tensorboard": tensorboard_files(state["history"]),
         "replica_weight_hashes": hashes,
     }
 
 
-def _metrics(keras, prefix: str) -> dict:
+def worker_batches(shard, strategy, global_batch: int, shuffle_seed: int | None = None):
+    """This worker's Ray Data shard as a distributed `tf.data` pipeline of per-worker batches.
+
+    Ray blocks -> rows -> (train) a shuffle buffer seeded by `shuffle_seed` ->
+    batches -> prefetch. Re-batching rows makes the batches independent of Ray's
+    block sizes, so a cached and a streamed dataset that deliver the same rows
+    feed the same batches. `distribute_datasets_from_function`, because
+    `experimental_distribute_dataset` would treat a batch as global and split it
+    again (FIELD_NOTES); auto-sharding is off because Ray Train already gave
+    this worker its share.
+    """
+    import tensorflow as tf
+
+    spec = {
+        "image": tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
+        "label": tf.TensorSpec((None,), tf.int8),
+        "weight": tf.TensorSpec((None,), tf.float32),
+    }
+
+    def blocks():
+        for block in shard.iter_batches(batch_size=None, batch_format="numpy"):  # whole blocks: no copy in Ray
+            yield {name: np.asarray(block[name], s.dtype.as_numpy_dtype) for name, s in spec.items()}
+
+    def dataset(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_generator(blocks, output_signature=spec).unbatch()
+        if shuffle_seed is not None:
+            ds = ds.shuffle(SHUFFLE_ROWS, seed=shuffle_seed)
+        ds = ds.batch(context.get_per_replica_batch_size(global_batch)).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return ds.with_options(options)
+
+    return strategy.distribute_datasets_from_function(dataset)
+
+
+class Lockstep:
+    """Steps all workers together: a step runs only while every worker has a batch.
+
+    Before each step the workers all-reduce a "have a batch" flag; as soon as
+    the sum is below the worker count, every worker stops, after the same
+    number of steps. An empty batch counts as none: TF's own uneven-input
+    handling hands an exhausted worker empty batches, which crash a Conv2D
+    under oneDNN (FIELD_NOTES).
+    """
+
+    def __init__(self, strategy):
+        import tensorflow as tf
+
+        self.strategy, self.workers = strategy, strategy.num_replicas_in_sync  # one replica per worker
+
+        @tf.function
+        def workers_with_a_batch(flag):
+            return strategy.reduce("SUM", strategy.run(tf.identity, args=(flag,)), axis=None)
+
+        self._workers_with_a_batch = workers_with_a_batch
+
+    def steps(self, batches, step) -> int:
+        """Call `step(batch)` for each batch while all workers have one; returns the steps taken."""
+        import tensorflow as tf
+
+        iterator, taken = iter(batches), 0
+        while True:
+            batch = next(iterator, None)
+            rows = 0 if batch is None else self.strategy.experimental_local_results(batch["weight"])[0].shape[0]
+            if int(self._workers_with_a_batch(tf.constant(int(rows > 0)))) < self.workers:
+                return taken
+            step(batch)
+            taken += 1
+
+
+def _metrics(keras, prefix: str, threshold: float = 0.5) -> dict:
+    """Sum-on-read metrics; a score above `threshold` counts as sad. AUC's 1,000 thresholds also pick the threshold."""
     return {
         "loss": keras.metrics.Mean(name=f"{prefix}_loss"),
-        "accuracy": keras.metrics.BinaryAccuracy(name=f"{prefix}_accuracy"),
-        "precision": keras.metrics.Precision(name=f"{prefix}_precision"),
-        "recall": keras.metrics.Recall(name=f"{prefix}_recall"),
+        "accuracy": keras.metrics.BinaryAccuracy(name=f"{prefix}_accuracy", threshold=threshold),
+        "precision": keras.metrics.Precision(name=f"{prefix}_precision", thresholds=threshold),
+        "recall": keras.metrics.Recall(name=f"{prefix}_recall", thresholds=threshold),
         "auc": keras.metrics.AUC(name=f"{prefix}_auc", num_thresholds=1000),
     }
 
@@ -190,6 +268,22 @@ def _report(model, state: dict, rank: int) -> None:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(state, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _inference_model_bytes(model) -> bytes:
+    """model.keras for serving: the trained weights in a fresh, uncompiled model.
+
+    Keras 3 has no `include_optimizer=False`: saving the training model would
+    carry Adam's two moments (~44 MB instead of ~15). Checkpoints keep them for --resume.
+    """
+    from happysad.model import build_model
+
+    bare = build_model()
+    bare.set_weights(model.get_weights())
+    with tempfile.TemporaryDirectory() as tmp:
+        bare.save(os.path.join(tmp, "model.keras"))
+        with open(os.path.join(tmp, "model.keras"), "rb") as f:
+            return f.read()
 
 
 def _replica_weight_hashes(model, strategy) -> list[int]:

@@ -1,8 +1,13 @@
-"""Run-directory files from plain rows, no Ray: undefined metrics are None / n/a, never a measured-looking 0."""
+"""Run-directory files from plain rows, no Ray: undefined metrics are None / n/a, never a measured-looking 0; the threshold."""
 
 import csv
+import json
 
-from happysad.report import METRICS, curves_png, defined_metrics, history_csv, shown, tensorboard_scalars
+import numpy as np
+
+from happysad.report import (
+    METRICS, choose_threshold, curves_png, defined_metrics, history_csv, model_json, shown, tensorboard_scalars,
+)
 
 MEASURED = {"loss": 0.5, "accuracy": 0.75, "precision": 0.0, "recall": 0.0, "auc": 0.0}
 
@@ -39,3 +44,34 @@ def test_undefined_values_are_empty_cells_and_absent_from_tensorboard():
     assert scalars["val"] == []
     assert [(tag, step) for tag, step, _ in scalars["train"] if tag == "epoch/loss"] == [("epoch/loss", 1), ("epoch/loss", 2)]
     assert curves_png(HISTORY)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def confusion(thresholds, happy_scores, sad_scores):
+    """(tp, fp, fn) per threshold, a score above it counting as sad: what Keras' AUC metric accumulates."""
+    happy, sad = np.asarray(happy_scores)[:, None], np.asarray(sad_scores)[:, None]
+    return (sad > thresholds).sum(0), (happy > thresholds).sum(0), (sad <= thresholds).sum(0)
+
+
+def test_threshold_is_the_best_f1_and_the_middle_of_a_tie():
+    grid = np.linspace(0, 1, 11)
+    # One sad image scores below a happy one: F1 is 0.75 keeping it (t 0.1-0.2), 0.8 giving it up (t 0.4-0.7).
+    happy, sad = [0.05, 0.25, 0.35], [0.3, 0.75, 0.95]
+    chosen = choose_threshold(grid, *confusion(grid, happy, sad), happy=3, sad=3)
+    f1 = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in zip(*confusion(grid, happy, sad))]
+    assert chosen == {"value": grid[6], "chosen_on": "val", "f1": max(f1)} and max(f1) == 0.8
+    # Perfectly separated: F1 is 1 from 0.4 to 0.7; the middle, not the edge next to a class.
+    separated = choose_threshold(grid, *confusion(grid, [0.1, 0.3, 0.35], [0.71, 0.8, 0.9]), happy=3, sad=3)
+    assert separated["f1"] == 1.0 and separated["value"] == grid[6]
+
+
+def test_threshold_stays_half_without_a_usable_val_split():
+    grid = np.linspace(0, 1, 11)
+    counts = confusion(grid, [0.1, 0.2], [])
+    assert choose_threshold(grid, *counts, happy=2, sad=0) == {
+        "value": 0.5, "chosen_on": None, "f1": None, "reason": "one class only in the val split"
+    }
+    assert choose_threshold(grid, *confusion(grid, [], []), happy=0, sad=0)["reason"] == "no val split"
+
+
+def test_model_json_names_threshold_classes_and_size():
+    assert json.loads(model_json(0.42, ("happy", "sad"), 256)) == {"threshold": 0.42, "classes": ["happy", "sad"], "image_size": 256}

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -15,14 +16,15 @@ import numpy as np
 import pytest
 
 from conftest import BUCKET, REPO, run_cli, upload_tree
-from happysad import storage, synth
+from happysad import sources, storage, synth
 from happysad.cli import _config, build_parser
 from happysad.decode import decode_image
 from happysad.model import build_model
 from happysad.report import METRICS
+from happysad.score import open_model
 from happysad.split import split_of
 from happysad.storage import UsageError
-from happysad.train import TrainConfig, _output_uri, pad_to_multiple, prepare_datasets, run
+from happysad.train import TrainConfig, _output_uri, cache_mode, count_images, pad_to_multiple, prepare_datasets, run
 
 FAST = {"epochs": 2, "batch_size": 8, "collective_timeout_s": 180}
 
@@ -57,6 +59,7 @@ def test_model_is_the_seed_cnn():
         (["--seed", str(2**32)], f"--seed {2**32}"),
         (["--workers", "3", "--batch-size", "8"], "--batch-size 8 is not a multiple of --workers 3"),
         (["--output", "s3://some-bucket/"], "--output s3://some-bucket/"),
+        (["--cache", "disk"], "--cache"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, named):
@@ -68,8 +71,8 @@ def test_bad_flags_exit_2_with_one_line(args, named):
     assert len(lines) == 1 and named in lines[0], result.stderr
 
 
-def numpy_metrics(model, data_root: Path, split: str, seed: int = 0) -> dict:
-    """The test metrics recomputed with numpy from the saved model and the files on disk."""
+def split_images(data_root: Path, split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(decoded images, labels) of one split of a class-folder data set, read from disk."""
     images, labels = [], []
     for label_id, label in enumerate(("happy", "sad")):
         for path in sorted((data_root / label).iterdir()):
@@ -77,9 +80,26 @@ def numpy_metrics(model, data_root: Path, split: str, seed: int = 0) -> dict:
             if split_of(data, seed) == split and path.name != "broken.jpg":
                 images.append(decode_image(data))
                 labels.append(label_id)
-    y = np.array(labels, np.float64)
-    p = np.asarray(model.predict(np.stack(images), verbose=0), np.float64)[:, 0]
-    predicted = p >= 0.5
+    return np.stack(images), np.array(labels, np.float64)
+
+
+def scores(model, images: np.ndarray) -> np.ndarray:
+    return np.asarray(model.predict(images, verbose=0), np.float64)[:, 0]
+
+
+def f1(predicted: np.ndarray, y: np.ndarray) -> float:
+    tp = np.sum(predicted & (y == 1))
+    return float(2 * tp / (2 * tp + np.sum(predicted & (y == 0)) + np.sum(~predicted & (y == 1))))
+
+
+def numpy_metrics(model, data_root: Path, split: str, seed: int = 0, threshold: float = 0.5) -> dict:
+    """A split's metrics recomputed with numpy from the saved model and the files on disk.
+
+    Above the threshold is sad, as in Keras' metrics (`score` says at or above: the same but for a tie).
+    """
+    images, y = split_images(data_root, split, seed)
+    p = scores(model, images)
+    predicted = p > threshold
     clipped = np.clip(p, 1e-7, 1 - 1e-7)
     return {
         "n": len(y),
@@ -106,7 +126,8 @@ def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_sess
     local_model = tmp_path / "two-workers.keras"
     local_model.write_bytes(storage.read_bytes(f"{output}/model.keras"))
     model = keras.models.load_model(local_model, safe_mode=True)
-    expected = numpy_metrics(model, odd_data, "test", seed=5)
+    assert metrics["test"]["threshold"] == metrics["threshold"]["value"]  # test metrics use the chosen threshold
+    expected = numpy_metrics(model, odd_data, "test", seed=5, threshold=metrics["test"]["threshold"])
     assert metrics["test"]["n"] == expected["n"] == metrics["counts"]["test"]["happy"] + metrics["counts"]["test"]["sad"]
     for key in ("accuracy", "precision", "recall", "loss"):
         assert metrics["test"][key] == pytest.approx(expected[key], abs=1e-4), key
@@ -118,6 +139,33 @@ def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_sess
     assert storage.read_bytes(f"{output}/curves.png")[:8] == b"\x89PNG\r\n\x1a\n"
     events = storage.list_dir(f"{output}/tensorboard", recursive=True)
     assert any("tfevents" in e.base_name for e in events if e.is_file)
+    check_threshold(metrics, output, model, odd_data, seed=5)
+    check_final_model_has_no_optimizer(output, local_model, model, tmp_path, split_images(odd_data, "val", seed=5)[0])
+
+
+def check_threshold(metrics: dict, output: str, model, data: Path, seed: int) -> None:
+    """The threshold the workers chose from their summed score histograms is the best F1 over every val score."""
+    threshold = metrics["threshold"]
+    assert threshold["chosen_on"] == "val" and 0 <= threshold["value"] <= 1, threshold
+    images, y = split_images(data, "val", seed)
+    p = scores(model, images)
+    candidates = np.arange(1, 999) / 999  # Keras' AUC thresholds, less the two outside [0, 1]
+    assert threshold["f1"] == pytest.approx(max(f1(p > t, y) for t in candidates), abs=1e-6)
+    assert f1(p >= threshold["value"], y) == pytest.approx(threshold["f1"], abs=1e-6)  # as `score` labels
+    info = json.loads(storage.read_bytes(f"{output}/model.json"))
+    assert info == {"threshold": threshold["value"], "classes": ["happy", "sad"], "image_size": 256}
+    assert open_model(output).threshold == threshold["value"]
+
+
+def check_final_model_has_no_optimizer(output: str, final_path: Path, final, tmp_path: Path, images: np.ndarray) -> None:
+    """model.keras holds the weights only; the last checkpoint, with Adam's state, scores the same images the same."""
+    checkpoints = sorted(e.path for e in storage.list_dir(output) if e.base_name.startswith("checkpoint_") and not e.is_file)
+    checkpoint_path = tmp_path / "checkpoint.keras"
+    checkpoint_path.write_bytes(storage.read_bytes(f"s3://{checkpoints[-1]}/model.keras"))
+    checkpointed = keras.models.load_model(checkpoint_path, safe_mode=True)
+    assert getattr(final, "optimizer", None) is None and checkpointed.optimizer is not None
+    assert final_path.stat().st_size < 16e6 and checkpoint_path.stat().st_size > 40e6  # ~15 MB against ~44 MB
+    np.testing.assert_allclose(scores(final, images), scores(checkpointed, images), rtol=0, atol=1e-6)
 
 
 def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[str, int]]]:
@@ -241,7 +289,7 @@ def test_padding_repeats_rows_until_every_worker_gets_an_equal_share(ray_session
     assert [s.count() for s in shares] == [len(rows) // workers] * workers
 
 
-def test_conflicting_copies_are_skipped_and_splits_padded_for_four_workers(ray_session, tiny_folders, tmp_path):
+def test_conflicting_copies_are_skipped_and_splits_padded_for_four_workers_cached_or_streamed(ray_session, tiny_folders, tmp_path):
     data = tmp_path / "conflict"
     shutil.copytree(tiny_folders, data)
     happy_train = next(p for p in sorted((data / "happy").iterdir()) if split_of(p.read_bytes()) == "train")
@@ -249,14 +297,56 @@ def test_conflicting_copies_are_skipped_and_splits_padded_for_four_workers(ray_s
 
     config = TrainConfig(data=(str(data),), workers=4, batch_size=8)
     prepared = prepare_datasets(config, [str(data)])
+    assert prepared.cache == {"mode": "memory", "reason": prepared.cache["reason"]}
+    assert prepared.cache["reason"].startswith("25 images (from the listing) decode to 5 MB, within 50% of the")
     assert prepared.skipped == {"conflicting_label": 2}
     assert prepared.real == {s: sum(prepared.counts[s].values()) for s in prepared.counts}
     assert sum(prepared.real.values()) == 23 and prepared.real["test"] == 1
+    cached = {}
     for split, ds in prepared.datasets.items():
-        rows = ds.take_all()
+        rows = cached[split] = ds.take_all()
         assert len(rows) == prepared.rows[split] and len(rows) % 4 == 0, split
         assert sum(r["weight"] for r in rows) == prepared.real[split], split
     assert prepared.rows["test"] == 4  # 1 real row + 3 weight-0 copies: one per worker
+
+    # Streamed (decoded again each epoch): the same rows, padding included, in the same order.
+    streamed = prepare_datasets(replace(config, cache="none"), [str(data)])
+    assert streamed.cache == {"mode": "none", "reason": "--cache none"}
+    assert (streamed.counts, streamed.skipped, streamed.rows) == (prepared.counts, prepared.skipped, prepared.rows)
+    for split, ds in streamed.datasets.items():
+        again = ds.take_all()
+        assert [(r["label"], r["weight"]) for r in again] == [(r["label"], r["weight"]) for r in cached[split]], split
+        assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(again, cached[split])), split
+
+
+def test_cache_estimate_lists_class_folders_and_counts_shard_samples(ray_session, tiny_folders, tiny_shards):
+    for root, how in ((tiny_folders, "from the listing"), (tiny_shards, "counted: WebDataset shards read, not decoded")):
+        labelled, _ = sources.labelled_images([str(root)])
+        assert count_images([str(root)], labelled) == (24, how)
+    with pytest.raises(UsageError, match=r"^--cache disk: expected one of auto, memory, none$"):
+        TrainConfig(cache="disk")
+
+
+@pytest.mark.parametrize(
+    "flag, images, cpus, workers, mode, says",
+    [
+        ("auto", 100, 4, 1, "memory", "100 images (listed) decode to 20 MB, within 50% of the 300 MB object store"),
+        ("auto", 1_700, 4, 1, "none", "1700 images (listed) decode to 334 MB, over 50% of the 300 MB object store: decoding every epoch"),
+        ("auto", 1_700, 2, 2, "memory", "; cached anyway: the 2 workers hold all 2 CPUs, streaming needs one more"),
+        ("auto", 1_700, 0, 2, "none", "decoding every epoch"),  # no CPU up yet: an autoscaling cluster will grow
+        ("memory", 1_700, 4, 1, "memory", "--cache memory"),
+        ("none", 100, 4, 1, "none", "--cache none"),
+    ],
+)
+def test_cache_mode_follows_the_object_store_and_spare_cpus(flag, images, cpus, workers, mode, says):
+    chosen = cache_mode(flag, images, "listed", 300e6, cpus, workers)
+    assert chosen["mode"] == mode and says in chosen["reason"], chosen
+
+
+def test_streaming_with_no_cpu_beside_the_workers_is_refused():
+    """Its read and decode tasks would wait forever for a CPU (seen: a 2-worker run on 2 CPUs hung)."""
+    with pytest.raises(UsageError, match=r"^--cache none: the 2 workers hold all 2 CPUs and streaming needs one more"):
+        cache_mode("none", 10, "listed", 300e6, cpus=2, workers=2)
 
 
 def test_default_run_directories_are_unique_and_created(tmp_path, monkeypatch):

@@ -1,0 +1,47 @@
+"""The per-worker tf.data input (train_loop.worker_batches + Lockstep) on two real Ray Train workers."""
+
+import numpy as np
+
+
+def test_uneven_shards_take_equal_steps_and_stop_together(ray_session, tmp_path):
+    """3 rows on one worker, 9 on the other, 2 per batch: both take 2 steps, each with a collective, and stop.
+
+    Without the lockstep the long worker would wait forever in its third step's all-reduce
+    (here: fail after the 60 s collective timeout).
+    """
+    import ray
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    def rows(n: int):
+        return ray.data.from_items(
+            [{"image": np.full((256, 256, 3), i, np.uint8), "label": np.int8(i % 2), "weight": np.float32(1)} for i in range(n)]
+        )
+
+    def loop(config):
+        import ray.train
+        import tensorflow as tf
+
+        from happysad.train_loop import Lockstep, worker_batches
+
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        shard = ray.train.get_dataset_shard(("short", "long")[ray.train.get_context().get_world_rank()])
+
+        @tf.function
+        def global_weight(batch):  # a collective in every step, like the gradient all-reduce
+            return strategy.reduce("SUM", strategy.run(lambda b: tf.reduce_sum(b["weight"]), args=(batch,)), axis=None)
+
+        sums = []
+        steps = Lockstep(strategy).steps(worker_batches(shard, strategy, global_batch=4), lambda b: sums.append(float(global_weight(b))))
+        return {"steps": steps, "sums": sums}
+
+    trainer = TensorflowTrainer(
+        loop,
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="uneven", storage_path=str(tmp_path)),
+        datasets={"short": rows(3), "long": rows(9)},
+        dataset_config=DataConfig(datasets_to_split=[]),  # every worker gets its dataset whole: deliberately uneven
+    )
+    # Step 1: 2 + 2 rows; step 2: the short worker's last row + 2. Then the short worker is out: both stop.
+    assert trainer.fit().return_value == {"steps": 2, "sums": [4.0, 3.0]}
