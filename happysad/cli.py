@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import fields
 
@@ -35,6 +36,10 @@ def _add_train(sub) -> None:
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint under --output")
     p.add_argument("--allow-one-class", action="store_true", help="train even if the data has only happy or only sad images")
+    p.add_argument(
+        "--cache", choices=("auto", "memory", "none"), default="auto",
+        help="keep decoded images in Ray's object store across epochs (auto: if they fit half of it), or decode every epoch",
+    )
 
 
 def _add_make_data(sub) -> None:
@@ -100,6 +105,18 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True, help="a new folder (savedmodel) or a file (tflite)")
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a labelled set: evaluation.json, predictions.parquet, report.html")
+    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras)")
+    p.add_argument("--data", action="append", help="labelled folder or s3:// prefix (happy/ sad/ or .tar shards); repeatable")
+    p.add_argument("--output", help="folder or s3:// prefix for the three files (required)")
+    p.add_argument("--threshold", type=float, help="score at or above it is 'sad' (default: the model's model.json, else 0.5)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call")
+    p.add_argument("--concurrency", type=int, default=0, help="model replicas (default: from one, growing as nodes join)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per model replica; decoding runs on every CPU")
+    p.add_argument("--max-file-mb", type=int, default=64, help="larger files are 'too_large', never read")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="happysad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -109,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_data(sub)
     _add_explain(sub)
     _add_export(sub)
+    _add_evaluate(sub)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", help="show Ray's and TensorFlow's own log lines")
     return parser
 
 
@@ -127,9 +147,11 @@ def _run(args: argparse.Namespace) -> None:
         out = synth.make_data(args.out, args.n, args.seed, args.shards)
         print(f"wrote {args.n} images to {out}")
     elif args.command == "train":
-        from happysad import train
+        from happysad import storage, train
 
-        train.run(_config(train.TrainConfig, args, data=tuple(args.data or ())))
+        config = _config(train.TrainConfig, args, data=tuple(args.data or ()))
+        storage.init_ray()  # Ray workers get this process's S3 endpoint, not the raylet's
+        train.run(config)
     elif args.command == "score":
         from happysad import score
 
@@ -140,15 +162,35 @@ def _run(args: argparse.Namespace) -> None:
         from happysad import explain
 
         explain.run(_config(explain.ExplainConfig, args, images=tuple(args.images)))
+    elif args.command == "evaluate":
+        from happysad import evaluate
+
+        evaluate.run(_config(evaluate.EvaluateConfig, args, data=tuple(args.data or ())))
     elif args.command == "export":
         from happysad import export
 
         export.run(_config(export.ExportConfig, args))
 
 
+def _quiet() -> None:
+    """Keep Ray's and TensorFlow's internals out of the console; they stay in Ray's log folder.
+
+    Set before Ray starts: workers of a cluster this process starts inherit the
+    environment. `--verbose` leaves everything as the libraries have it.
+    """
+    import ray.data  # configures Ray Data's loggers: a file in Ray's session log folder, and the console
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CUDA-not-found and oneDNN lines from every worker
+    for handler in logging.getLogger("ray.data").handlers:  # execution plans, per-operator progress blocks
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not getattr(args, "verbose", False):
+        _quiet()
     try:
         _run(args)
     except UsageError as exc:

@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from happysad import inputs, lock, storage
+from happysad import inputs, lock, progress, storage
 from happysad.decode import DecodeError, decode_image
 from happysad.model import IMAGE_SIZE, check_model_file, file_digest
 from happysad.storage import UsageError
@@ -226,6 +226,12 @@ def _complete_parquet_rows(fs, path: str) -> int | None:
         return None
 
 
+def _staged_rows(fs, staging_path: str) -> int:
+    """Rows in the complete Parquet files written so far into one staging folder."""
+    files = fs.get_file_info(pafs.FileSelector(staging_path, allow_not_found=True, recursive=True))
+    return sum(_complete_parquet_rows(fs, f.path) or 0 for f in files if f.is_file and f.base_name.endswith(".parquet"))
+
+
 def _output_files(output: str) -> pads.Dataset | None:
     fs, root = storage.filesystem(output)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
@@ -341,7 +347,9 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
         num_gpus=1 if config.gpu else 0,
         num_cpus=0 if config.gpu else 1,
         max_restarts=node_loss_retries,  # a replica lost with its node starts again on another...
-        max_task_retries=node_loss_retries,  # ...and scores again the batches it held
+        # ...and scores again the batches it held. Not counted: while the replica restarts, each
+        # resubmission fails at once and would use up any small budget; the restarts bound it.
+        max_task_retries=-1,
         runtime_env=worker_env,
     )
 
@@ -359,7 +367,9 @@ def run(config: ScoreConfig) -> dict:
         if pipeline is not None:
             staging = storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}")
             fs, staging_path = storage.filesystem(staging)
-            pipeline.write_parquet(staging_path, filesystem=fs, max_rows_per_file=config.rows_per_file)
+            total = None if found.archives else found.files.num_rows  # archive members are counted as they stream
+            with progress.reporting("scored", lambda: _staged_rows(fs, staging_path), total):
+                pipeline.write_parquet(staging_path, filesystem=fs, max_rows_per_file=config.rows_per_file)
             new_rows = _finish_staged(config.output)
     seconds = time.perf_counter() - started
     rows, errors = _summary(config.output)
