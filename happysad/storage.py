@@ -90,12 +90,16 @@ def init_ray() -> None:
 
     Does nothing when Ray is already up or there is nothing to pass on (Ray then starts as before).
     """
+    import logging
+
     import ray
 
     # A submitted job's own env_vars already reach its workers, and Ray refuses a key named twice.
     env = {k: v for k, v in ray_env_vars().items() if k not in _submitted_job_env()}
     if env and not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": env})
+        # Quietly: Ray's connection lines would come before the one-line error of a check that fails next.
+        ray.init(runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+        logging.getLogger("ray").setLevel(logging.INFO)  # Ray's own default, as an implicit start leaves it
 
 
 def _submitted_job_env() -> dict:
