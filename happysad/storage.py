@@ -86,9 +86,12 @@ def ray_env_vars() -> dict[str, str]:
 
 
 def init_ray() -> None:
-    """Start or join Ray with `ray_env_vars()` passed on to every worker of the job.
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) with `ray_env_vars()` passed on
+    to every worker of the job.
 
-    Does nothing when Ray is already up or there is nothing to pass on (Ray then starts as before).
+    Does nothing when Ray is already up, when there is nothing to pass on, or without RAY_ADDRESS:
+    Ray then starts a cluster from this process, whose workers inherit this environment anyway
+    (or joins the last one `ray start` began on this machine: set RAY_ADDRESS to pass the endpoint on).
     """
     import logging
 
@@ -96,7 +99,7 @@ def init_ray() -> None:
 
     # A submitted job's own env_vars already reach its workers, and Ray refuses a key named twice.
     env = {k: v for k, v in ray_env_vars().items() if k not in _submitted_job_env()}
-    if env and not ray.is_initialized():
+    if env and os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
         # Quietly: Ray's connection lines would come before the one-line error of a check that fails next.
         ray.init(runtime_env={"env_vars": env}, logging_level=logging.WARNING)
         logging.getLogger("ray").setLevel(logging.INFO)  # Ray's own default, as an implicit start leaves it
