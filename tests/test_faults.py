@@ -438,7 +438,7 @@ def test_predict_refuses_a_damaged_model_file(model_file, tmp_path, content):
 
 @pytest.fixture(scope="module")
 def s3_data(s3, model_file, tiny_shards, tmp_path_factory) -> dict:
-    """On the S3 server: a prefix of images (one of 2 MB), a zip, the model and WebDataset shards."""
+    """On the S3 server: a prefix of images (one of 2 MB), a zip, the model, WebDataset shards and class folders."""
     from conftest import BUCKET, upload_tree
 
     root = tmp_path_factory.mktemp("s3data")
@@ -456,6 +456,7 @@ def s3_data(s3, model_file, tiny_shards, tmp_path_factory) -> dict:
         "zip": f"s3://{BUCKET}/faults/in/batch.zip",
         "model": f"s3://{BUCKET}/faults/model.keras",
         "shards": upload_tree(s3, tiny_shards, "faults/shards"),
+        "faces": upload_tree(s3, synth.make_data(root / "faces", n=6, seed=5), "faults/faces"),
         "out": f"s3://{BUCKET}/faults/out",
     }
 
@@ -497,8 +498,10 @@ def test_scoring_through_10_percent_s3_faults_gives_the_fault_free_rows(ray_sess
 
 @pytest.mark.slow
 def test_training_through_10_percent_s3_faults_matches_the_fault_free_run(ray_session, s3_server, fault_proxy, s3_data):
-    """Shards on S3, run directory (checkpoints included) on S3, one epoch: the test metrics equal a fault-free run's."""
-    args = ["train", "--data", s3_data["shards"], "--epochs", "1", "--batch-size", "8"]
+    """Shards and class folders on S3, run directory (checkpoints included) on S3, one epoch: the test metrics
+    equal a fault-free run's. The class folders' files are read by Ray tasks only: the proxy seeing them read
+    shows the job passed its endpoint on to the workers."""
+    args = ["train", "--data", s3_data["shards"], "--data", s3_data["faces"], "--epochs", "1", "--batch-size", "8"]
     clean, clean_s = timed_cli(*args, "--output", f"{s3_data['out']}/run-clean", endpoint=s3_server)
     assert clean.returncode == 0, clean.stderr[-3000:]
     with fault_proxy.faults(0.1, seed=8) as proxy:
@@ -512,6 +515,7 @@ def test_training_through_10_percent_s3_faults_matches_the_fault_free_run(ray_se
         assert (clean_value is None and faulty_value is None) or faulty_value == pytest.approx(clean_value, abs=1e-4), name
     assert metrics[0]["skipped"] == metrics[1]["skipped"] and metrics[0]["counts"] == metrics[1]["counts"]
     assert sum(n for kind, n in proxy.injected.items() if kind != "slow") >= 3
+    assert any(method == "GET" and "/faults/faces/happy/" in path for method, path in proxy.requests)
 
 
 def test_unreachable_s3_fails_each_job_in_bounded_time_with_one_line(ray_session, s3, fault_proxy, s3_data, model_file):
