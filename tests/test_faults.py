@@ -48,9 +48,9 @@ def read_rows(output: str) -> list[dict]:
     return pads.dataset(path, format="parquet", filesystem=fs).to_table().to_pylist()
 
 
-def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]], mode: str = "w") -> bytes:
+def tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
         for info, data in members:
             info.size = len(data) if info.isreg() else 0
             tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
@@ -521,6 +521,8 @@ def test_training_through_10_percent_s3_faults_matches_the_fault_free_run(ray_se
 def test_unreachable_s3_fails_each_job_in_bounded_time_with_one_line(ray_session, s3, fault_proxy, s3_data, model_file):
     """Every S3 request fails (503, 500 or reset): each job exits non-zero within 90 s (6 attempts with backoff),
     with one line naming the URI, and writes nothing to --output."""
+    from faultproxy import ERRORS
+
     from happysad.storage import S3_MAX_ATTEMPTS
 
     jobs = {
@@ -528,8 +530,6 @@ def test_unreachable_s3_fails_each_job_in_bounded_time_with_one_line(ray_session
         "train": (["train", "--data", s3_data["shards"], "--output", f"{s3_data['out']}/dead-run", "--epochs", "1"], f"{s3_data['out']}/dead-run"),
     }
     for job, (args, uri) in jobs.items():
-        from faultproxy import ERRORS
-
         with fault_proxy.faults(1.0, seed=9, kinds=ERRORS) as proxy:
             result, seconds = timed_cli(*args, endpoint=proxy.endpoint, timeout=300)
         print(f"{job} with S3 unreachable: exit {result.returncode} after {seconds:.0f} s, {len(proxy.requests)} requests")
