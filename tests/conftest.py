@@ -33,6 +33,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def own_ports() -> list[str]:
+    """Free ports for every port a Ray node would otherwise take by default (its job agent's 52365...):
+    another node or head on this machine then cannot collide with it ("No available agent to submit job")."""
+    names = ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export")
+    return [f"--{name}-port={free_port()}" for name in names]
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     from moto.server import ThreadedMotoServer
@@ -102,7 +109,7 @@ def ray_head(s3_server):
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
             f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-            "--object-store-memory=1500000000", "--disable-usage-stats",
+            "--object-store-memory=1500000000", "--disable-usage-stats", *own_ports(),
         ],
         env=env,
         start_new_session=True,
@@ -174,7 +181,7 @@ def joined_node(ray_session, cpus: int = 1, name: str = "second_node"):
     node = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={ray_session['address']}",
-            "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=1", f'--resources={{"{name}": 1}}',
+            "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=1", f'--resources={{"{name}": 1}}', *own_ports(),
             f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ],
         env=ray_session["env"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

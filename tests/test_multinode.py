@@ -31,7 +31,7 @@ def test_replicas_grow_onto_a_node_that_joins_mid_run(ray_session, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     image = synth.sample(6, 1).data
-    for i in range(8000):  # a run long enough for Ray Data's autoscaling coordinator (a 20 s tick) to see the node
+    for i in range(12000):  # a run long enough for Ray Data's autoscaling coordinator (a 20 s tick) to see the node
         (folder / f"{i:05d}.jpg").write_bytes(image)
     build_model().save(tmp_path / "model.keras")
     before = existing_ids()
@@ -47,7 +47,7 @@ def test_replicas_grow_onto_a_node_that_joins_mid_run(ray_session, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "scored 8000 inputs" in output
+    assert "scored 12000 inputs" in output
     assert head_only < replicas and len(replicas) == 2
 
 
