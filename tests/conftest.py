@@ -207,6 +207,19 @@ def joined_node(ray_session, cpus: int = 1, name: str = "second_node"):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def lambda_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A .keras file with a Lambda layer that would create a marker file if its code ever ran."""
+    import keras
+
+    root = tmp_path_factory.mktemp("lambda")
+    marker = root / "lambda-ran"
+    touch = eval(f"lambda x: (open({str(marker)!r}, 'w').close(), x)[1]")  # no closure: Keras saves the bytecode
+    keras.Sequential([keras.Input((256, 256, 3)), keras.layers.Lambda(touch)]).save(root / "model.keras")
+    marker.unlink(missing_ok=True)  # building the model ran it once, here
+    return root / "model.keras", marker
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m happysad.cli ARGS` as a user would, in its own process."""
     return subprocess.run(

@@ -221,20 +221,6 @@ def test_job_entry_point_with_a_threshold_override(ray_session, tiny_folders, ru
     assert all(r["label"] == ("sad" if r["score"] >= 0.6 else "happy") for r in rows)
 
 
-@pytest.fixture(scope="module")
-def lambda_model(tmp_path_factory) -> tuple[Path, Path]:
-    """A .keras file with a Lambda layer that would create a marker file if its code ever ran."""
-    import keras
-
-    root = tmp_path_factory.mktemp("lambda")
-    marker = root / "lambda-ran"
-    touch = eval(f"lambda x: (open({str(marker)!r}, 'w').close(), x)[1]")  # no closure: Keras saves the bytecode
-    model = keras.Sequential([keras.Input((256, 256, 3)), keras.layers.Lambda(touch)])
-    model.save(root / "model.keras")
-    marker.unlink(missing_ok=True)  # building the model ran it once, here
-    return root / "model.keras", marker
-
-
 @pytest.mark.parametrize(
     "args, named",
     [

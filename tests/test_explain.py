@@ -51,19 +51,6 @@ def trained_model(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def lambda_model(tmp_path_factory) -> tuple[Path, Path]:
-    """A .keras file with a Lambda layer that would create a marker file if its code ever ran (as in test_score)."""
-    import keras
-
-    root = tmp_path_factory.mktemp("lambda")
-    marker = root / "lambda-ran"
-    touch = eval(f"lambda x: (open({str(marker)!r}, 'w').close(), x)[1]")  # no closure: Keras saves the bytecode
-    keras.Sequential([keras.Input((256, 256, 3)), keras.layers.Lambda(touch)]).save(root / "model.keras")
-    marker.unlink(missing_ok=True)  # building the model ran it once, here
-    return root / "model.keras", marker
-
-
 def test_heat_sits_on_the_face(trained_model):
     keras_model = load_model(str(trained_model))
     rows, cols = np.mgrid[:256, :256]

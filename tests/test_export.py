@@ -41,19 +41,6 @@ def keras_scores(model_file, faces) -> np.ndarray:
     return scores
 
 
-@pytest.fixture(scope="module")
-def lambda_model(tmp_path_factory) -> tuple[Path, Path]:
-    """A .keras file with a Lambda layer that would create a marker file if its code ever ran (as in test_score)."""
-    import keras
-
-    root = tmp_path_factory.mktemp("lambda")
-    marker = root / "lambda-ran"
-    touch = eval(f"lambda x: (open({str(marker)!r}, 'w').close(), x)[1]")  # no closure: Keras saves the bytecode
-    keras.Sequential([keras.Input((256, 256, 3)), keras.layers.Lambda(touch)]).save(root / "model.keras")
-    marker.unlink(missing_ok=True)  # building the model ran it once, here
-    return root / "model.keras", marker
-
-
 def test_savedmodel_gives_the_keras_scores(model_file, faces, keras_scores, tmp_path):
     import tensorflow as tf
 

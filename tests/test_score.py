@@ -187,20 +187,6 @@ def test_killed_run_resumes_to_exactly_one_row_per_input(ray_session, model_file
     assert "scored" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def lambda_model(tmp_path_factory) -> tuple[Path, Path]:
-    """A .keras file with a Lambda layer that would create a marker file if its code ever ran."""
-    import keras
-
-    root = tmp_path_factory.mktemp("lambda")
-    marker = root / "lambda-ran"
-    touch = eval(f"lambda x: (open({str(marker)!r}, 'w').close(), x)[1]")  # no closure: Keras saves the bytecode
-    model = keras.Sequential([keras.Input((256, 256, 3)), keras.layers.Lambda(touch)])
-    model.save(root / "model.keras")
-    marker.unlink(missing_ok=True)  # building the model ran it once, here
-    return root / "model.keras", marker
-
-
 @pytest.mark.parametrize(
     "args, named",
     [
