@@ -6,7 +6,7 @@ the loss is scaled by the global batch, and metrics are sum-on-read
 variables whose `result()` is the value over every worker's data.
 
 Input: each worker's Ray Data shard becomes a `tf.data` pipeline
-(`worker_batches`): rows -> a seeded shuffle buffer (train only) ->
+(`WorkerInput`): rows -> a seeded shuffle buffer (train only) ->
 per-worker batches -> prefetch, distributed with
 `distribute_datasets_from_function` and no auto-sharding (Ray already shards).
 The order depends only on the rows the shard delivers, the seed and the epoch.
@@ -23,13 +23,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import tempfile
+import threading
 import time
 
 import numpy as np
 
 IMAGE_SHAPE = (256, 256, 3)
 SHUFFLE_ROWS = 256  # per-worker shuffle buffer of the train split: ~50 MB of decoded images
+PREFETCH_BATCHES = 2  # batches made ready while a step runs
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -81,10 +84,11 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     def eval_step_for(metrics):
         return tf.function(lambda batch: strategy.run(lambda b: forward(b, metrics, training=False), args=(batch,)))
 
+    inputs = {split: WorkerInput(ray.train.get_dataset_shard(split), strategy, global_batch) for split in rows}
+
     def run_epoch(split: str, step, shuffle_seed: int | None) -> int:
         """One pass over this worker's shard; returns the steps taken (equal on every worker)."""
-        shard = ray.train.get_dataset_shard(split)
-        return lockstep.steps(worker_batches(shard, strategy, global_batch, shuffle_seed), step)
+        return lockstep.steps(inputs[split].epoch(shuffle_seed), step)
 
     def evaluate(split: str, step, metrics: dict) -> dict:
         """The split's metrics over every worker's rows; undefined ones are None (report.defined_metrics)."""
@@ -154,39 +158,108 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     }
 
 
-def worker_batches(shard, strategy, global_batch: int, shuffle_seed: int | None = None):
-    """This worker's Ray Data shard as a distributed `tf.data` pipeline of per-worker batches.
+class WorkerInput:
+    """One split of this worker's Ray Data shard as a distributed `tf.data` pipeline.
 
-    Ray blocks -> rows -> (train) a shuffle buffer seeded by `shuffle_seed` ->
-    batches -> prefetch. Re-batching rows makes the batches independent of Ray's
-    block sizes, so a cached and a streamed dataset that deliver the same rows
-    feed the same batches. `distribute_datasets_from_function`, because
-    `experimental_distribute_dataset` would treat a batch as global and split it
-    again (FIELD_NOTES); auto-sharding is off because Ray Train already gave
-    this worker its share.
+    Rows -> (train) a shuffle buffer seeded by the epoch's seed -> per-worker
+    batches -> prefetch. Batching rows, not Ray blocks, makes the batches
+    independent of block sizes: a cached and a streamed dataset delivering the
+    same rows feed the same batches. The batches are made in Python (one
+    generator call per batch, not per row) and handed to `tf.data`, which
+    prefetches them while a step runs. `distribute_datasets_from_function`,
+    because `experimental_distribute_dataset` would treat a batch as global and
+    split it again (FIELD_NOTES); auto-sharding is off because Ray Train already
+    gave this worker its share. Built once per run and iterated once per epoch.
     """
-    import tensorflow as tf
 
-    spec = {
-        "image": tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
-        "label": tf.TensorSpec((None,), tf.int8),
-        "weight": tf.TensorSpec((None,), tf.float32),
-    }
+    def __init__(self, shard, strategy, global_batch: int):
+        import tensorflow as tf
 
-    def blocks():
-        for block in shard.iter_batches(batch_size=None, batch_format="numpy"):  # whole blocks: no copy in Ray
-            yield {name: np.asarray(block[name], s.dtype.as_numpy_dtype) for name, s in spec.items()}
+        self._shard, self._seed = shard, None
+        self._batch = global_batch // strategy.num_replicas_in_sync  # one replica per worker
+        spec = {
+            "image": tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
+            "label": tf.TensorSpec((None,), tf.int8),
+            "weight": tf.TensorSpec((None,), tf.float32),
+        }
 
-    def dataset(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_generator(blocks, output_signature=spec).unbatch()
-        if shuffle_seed is not None:
-            ds = ds.shuffle(SHUFFLE_ROWS, seed=shuffle_seed)
-        ds = ds.batch(context.get_per_replica_batch_size(global_batch)).prefetch(tf.data.AUTOTUNE)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return ds.with_options(options)
+        def dataset(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            ds = tf.data.Dataset.from_generator(self._batches, output_signature=spec).prefetch(PREFETCH_BATCHES)
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+            options.autotune.enabled = False  # freeing an iterator waited up to ~5 s for its model thread (measured)
+            return ds.with_options(options)
 
-    return strategy.distribute_datasets_from_function(dataset)
+        # Batches stay on the host until the step: a CPU replica gains nothing from a device prefetcher.
+        host = tf.distribute.InputOptions(experimental_fetch_to_device=False)
+        self._distributed = strategy.distribute_datasets_from_function(dataset, options=host)
+
+    def epoch(self, shuffle_seed: int | None = None):
+        """This epoch's batches, {"image", "label", "weight"} of this worker's rows, as a generator."""
+        self._seed = shuffle_seed  # read when the iterator starts the generator
+        iterator = iter(self._distributed)
+        try:
+            yield from iterator
+        finally:
+            # Freed on this thread, a finished iterator over a Python generator stalled for up to ~5 s
+            # (measured; TF waits on its py_func clean-up). Another thread frees it at once.
+            _discard(iterator)
+            del iterator
+
+    def _batches(self):
+        rows = (
+            (block["image"][i], block["label"][i], block["weight"][i])
+            for block in self._shard.iter_batches(batch_size=None, batch_format="numpy")  # whole blocks: no copy in Ray
+            for i in range(len(block["label"]))
+        )
+        if self._seed is not None:
+            rows = shuffled(rows, SHUFFLE_ROWS, np.random.default_rng(self._seed))
+        for chunk in batched(rows, self._batch):
+            images, labels, weights = zip(*chunk)
+            yield {"image": np.stack(images), "label": np.array(labels, np.int8), "weight": np.array(weights, np.float32)}
+
+
+_discarded: queue.Queue | None = None  # finished tf.data iterators on their way to _free_forever
+
+
+def _discard(iterator) -> None:
+    """Hand over the last reference to `iterator` to a thread that frees it (started on first use)."""
+    global _discarded
+    if _discarded is None:
+        _discarded = queue.Queue()
+        threading.Thread(target=_free_forever, args=(_discarded,), name="free-tf-iterators", daemon=True).start()
+    _discarded.put(iterator)
+
+
+def _free_forever(discarded: queue.Queue) -> None:
+    while True:
+        discarded.get()  # the reference dies here, on this thread
+
+
+def batched(rows, size: int):
+    """Lists of `size` rows; the last may be shorter."""
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def shuffled(rows, size: int, rng: np.random.Generator):
+    """`rows` through a shuffle buffer of `size`: the order depends only on their order and `rng`."""
+    buffer = []
+    for row in rows:
+        if len(buffer) < size:
+            buffer.append(row)
+            continue
+        slot = rng.integers(size)
+        yield buffer[slot]
+        buffer[slot] = row
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 class Lockstep:
@@ -212,16 +285,21 @@ class Lockstep:
 
     def steps(self, batches, step) -> int:
         """Call `step(batch)` for each batch while all workers have one; returns the steps taken."""
-        import tensorflow as tf
-
         iterator, taken = iter(batches), 0
         while True:
             batch = next(iterator, None)
             rows = 0 if batch is None else self.strategy.experimental_local_results(batch["weight"])[0].shape[0]
-            if int(self._workers_with_a_batch(tf.constant(int(rows > 0)))) < self.workers:
+            if not self.all_have_a_batch(rows > 0):
                 return taken
             step(batch)
             taken += 1
+
+    def all_have_a_batch(self, mine: bool) -> bool:
+        import tensorflow as tf
+
+        if self.workers == 1:  # no one to agree with: no collective
+            return mine
+        return int(self._workers_with_a_batch(tf.constant(int(mine)))) == self.workers
 
 
 def _metrics(keras, prefix: str, threshold: float = 0.5) -> dict:

@@ -1,6 +1,17 @@
-"""The per-worker tf.data input (train_loop.worker_batches + Lockstep) on two real Ray Train workers."""
+"""The per-worker tf.data input (train_loop.WorkerInput + Lockstep): shuffling, and two real Ray Train workers."""
 
 import numpy as np
+
+from happysad.train_loop import shuffled
+
+
+def test_shuffle_buffer_keeps_every_row_and_depends_only_on_the_seed():
+    rows = list(range(1000))
+    once = list(shuffled(iter(rows), 256, np.random.default_rng(7)))
+    assert sorted(once) == rows and once != rows
+    assert list(shuffled(iter(rows), 256, np.random.default_rng(7))) == once
+    assert list(shuffled(iter(rows), 256, np.random.default_rng(8))) != once
+    assert sorted(shuffled(iter(rows[:10]), 256, np.random.default_rng(7))) == rows[:10]  # fewer rows than the buffer
 
 
 def test_uneven_shards_take_equal_steps_and_stop_together(ray_session, tmp_path):
@@ -22,7 +33,7 @@ def test_uneven_shards_take_equal_steps_and_stop_together(ray_session, tmp_path)
         import ray.train
         import tensorflow as tf
 
-        from happysad.train_loop import Lockstep, worker_batches
+        from happysad.train_loop import Lockstep, WorkerInput
 
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
@@ -33,7 +44,8 @@ def test_uneven_shards_take_equal_steps_and_stop_together(ray_session, tmp_path)
             return strategy.reduce("SUM", strategy.run(lambda b: tf.reduce_sum(b["weight"]), args=(batch,)), axis=None)
 
         sums = []
-        steps = Lockstep(strategy).steps(worker_batches(shard, strategy, global_batch=4), lambda b: sums.append(float(global_weight(b))))
+        batches = WorkerInput(shard, strategy, global_batch=4).epoch()
+        steps = Lockstep(strategy).steps(batches, lambda b: sums.append(float(global_weight(b))))
         return {"steps": steps, "sums": sums}
 
     trainer = TensorflowTrainer(
