@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import fields
 
-from happysad.storage import UsageError
+from happysad.storage import JobFailed, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"happysad {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except JobFailed as exc:
+        print(f"happysad {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -29,6 +29,10 @@ class UsageError(Exception):
     """Bad arguments or unusable input: reported as one line, exit code 2."""
 
 
+class JobFailed(Exception):
+    """A job that started and could not finish (a lost node with no room left): one line, exit code 1."""
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 

@@ -63,6 +63,7 @@ class TrainConfig:
     cache: str = "auto"  # keep decoded images in the object store across epochs: auto (if they fit), memory, none
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
     collective_timeout_s: float = 600  # a collective stuck this long fails instead of hanging
+    verbose: bool = False  # Ray Train's own lines (checkpoints, reports, retries with tracebacks) on the console
 
     def __post_init__(self):
         checks = {
@@ -380,7 +381,7 @@ def _shown(value) -> str:
 
 
 def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     fs, path = storage.filesystem(output)
@@ -399,12 +400,37 @@ def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict
             name=name,
             storage_path=parent,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=config.max_failures),
+            # A worker group that cannot be placed (a node lost, none left) fails its start and is retried:
+            # bounded like worker failures, or the run waits forever.
+            failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest),
     )
+
+
+def _fit(trainer, config: TrainConfig, output: str) -> dict:
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit().return_value
+    except TrainingFailedError as exc:
+        raise storage.JobFailed(
+            f"training failed ({_cause(exc)}); its last checkpoint is in {output}: rerun with --resume"
+        ) from None
+
+
+def _cause(failed) -> str:
+    """One line on why Ray Train gave up: the controller's error (a group it could not place), else the
+    last line of the first worker's traceback. The full tracebacks are above it in the log."""
+    controller = getattr(failed, "controller_failure", None)
+    if controller is not None:
+        return str(controller).split(". ")[0]
+    workers = list(getattr(failed, "worker_failures", {}).values())
+    lines = str(workers[0] if workers else failed).strip().splitlines() or [type(failed).__name__]
+    return lines[-1][:300]
 
 
 def run(config: TrainConfig) -> dict:
@@ -421,7 +447,7 @@ def run(config: TrainConfig) -> dict:
     # Recorded before the first checkpoint: a later --resume is checked against it.
     storage.write_bytes(storage.join(output, "config.json"), json.dumps(record, indent=2).encode())
     loop_config = {"config": config, "rows": data.rows, "counts": data.counts}
-    returned = _trainer(config, output, data.datasets, loop_config).fit().return_value
+    returned = _fit(_trainer(config, output, data.datasets, loop_config), config, output)
     metrics = {
         "val": returned["val"],
         "test": returned["test"],

@@ -655,14 +655,17 @@ def data_with_huge_file(tiny_folders, tmp_path) -> Path:
     return data
 
 
+EPOCHS = 8
+
+
 @pytest.mark.slow
 def test_training_continues_from_its_checkpoint_when_a_node_is_lost(ray_session, data_with_huge_file, tmp_path):
-    """2 workers, one per node, on 3 nodes. After the first checkpoint the node of worker 1 (of worker 0 when
+    """2 workers, one per node, on 3 nodes, 8 epochs. After the first checkpoint the node of worker 1 (of worker 0 when
     worker 1 is on the head, which the test cannot kill) is SIGKILLed: Ray Train restarts the group on the
     2 nodes left, from that checkpoint (epoch 1 is not trained again), and the run completes."""
     output, log_path = tmp_path / "run", tmp_path / "train.log"
     args = ["train", "--data", str(data_with_huge_file), "--output", str(output), "--workers", "2", "--one-per-node",
-            "--epochs", "2", "--batch-size", "8"]
+            "--epochs", str(EPOCHS), "--batch-size", "8"]
     with joined_node(ray_session, cpus=2, name="node_b") as node_b, joined_node(ray_session, cpus=2, name="node_c") as node_c:
         killable = {node_id_with("node_b"): node_b, node_id_with("node_c"): node_c}
         started = time.monotonic()
@@ -681,19 +684,16 @@ def test_training_continues_from_its_checkpoint_when_a_node_is_lost(ray_session,
     print(f"training, node of worker {victim} lost at {killed_at:.0f} s: exit {returncode} after {time.monotonic() - started:.0f} s")
     assert returncode == 0, log[-3000:]
     printed = epoch_printers(log)
-    assert len(printed[1]) == 1 and len(printed[2]) == 1 and printed[1] != printed[2], printed  # a new group, from epoch 2
+    # Epoch 1 is trained once, by the first group; a new group trains the last epoch. (Epochs are ~1 s: the
+    # first group trains a few more before the kill lands, and the one without a checkpoint is trained again.)
+    assert len(printed[1]) == 1 and printed[EPOCHS] - printed[1], printed
     history = (output / "history.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[0] for row in history] == ["1", "2"]
+    assert [row.split(",")[0] for row in history] == [str(e) for e in range(1, EPOCHS + 1)]
     metrics = json.loads((output / "metrics.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["skipped"] == {"too_large": 1}
+    assert metrics["epochs"] == EPOCHS and metrics["skipped"] == {"too_large": 1}
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    run=False,
-    reason="Ray Train retries a worker group it cannot place forever (FailureConfig.controller_failure_limit "
-    "defaults to -1): train._trainer must bound it and the CLI report the failure in one line (issue 11 report)",
-)
 def test_training_that_cannot_continue_fails_clearly_and_resume_completes_it(ray_session, tiny_folders, tmp_path):
     """2 workers, one per node, on 2 nodes: the second is SIGKILLed after the first checkpoint and no node is
     left for worker 1. The job must fail within a bounded time with one line naming --resume; `--resume`
@@ -712,7 +712,9 @@ def test_training_that_cannot_continue_fails_clearly_and_resume_completes_it(ray
                 job.kill()
     log = log_path.read_text()
     print(f"training with no node left: exit {returncode} {time.monotonic() - killed:.0f} s after the kill")
-    assert returncode != 0 and "Traceback" not in log
+    # Ray relays the dying workers' and the controller's own tracebacks, tagged "(RayTrainWorker pid=...)";
+    # the job itself ends on one line, not a traceback.
+    assert returncode == 1 and not any(line.startswith("Traceback") for line in log.splitlines())
     assert log.strip().splitlines()[-1].startswith("happysad train: error:") and "--resume" in log.strip().splitlines()[-1]
     with joined_node(ray_session, cpus=2, name="node_c"):
         resumed = run_cli(*args, "--resume", timeout=500)
