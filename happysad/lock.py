@@ -30,7 +30,8 @@ def held(uri: str, flag: str, value: str):
     me = {"run": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid()}
     if not _create(uri, _record(me)):
         owner = _read(uri)
-        if owner is not None and _alive(owner):
+        # Our own record: a retried PUT whose first try was stored but whose answer was lost (412 on the retry).
+        if owner is not None and owner.get("run") != me["run"] and _alive(owner):
             raise UsageError(
                 f"{flag} {value}: another run (pid {owner.get('pid')} on {owner.get('host')}) is writing there; "
                 f"wait for it, or remove {uri} if that run is gone"

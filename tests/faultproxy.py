@@ -10,7 +10,9 @@ fraction of them get a fault instead:
 - `slow`: the answer comes, but 2 s late.
 
 The faults are decided before the request is forwarded, so a failed request
-never took effect upstream. Every request is recorded (method, path) so a test
+never took effect upstream. One more, asked for one request at a time with
+`lose_answer_once`: the request is forwarded and takes effect, and its answer
+is lost (a reset), so the client retries something that already happened. Every request is recorded (method, path) so a test
 can tell which objects were read and by whom it was asked.
 """
 
@@ -48,6 +50,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self.injected: Counter = Counter()  # fault kind -> times injected
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in arrival order
+        self._lose: tuple[str, str] | None = None  # (method, path) whose next answer is lost
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.proxy = self
@@ -79,10 +82,19 @@ class FaultProxy:
             with self._lock:
                 self.fraction = 0.0
 
+    def lose_answer_once(self, method: str, path: str) -> None:
+        """The next `method` request for `path` (e.g. "/bucket/key") is carried out upstream, but its answer is lost."""
+        with self._lock:
+            self._lose = (method, path)
+
     def draw(self, method: str, path: str) -> str | None:
         """Record a request and decide its fault (None: forward it as it is)."""
         with self._lock:
             self.requests.append((method, urllib.parse.urlsplit(path).path))
+            if self._lose == self.requests[-1]:
+                self._lose = None
+                self.injected["lost"] += 1
+                return "lost"
             if self._rng.random() >= self.fraction:
                 return None
             kind = self._rng.choice(self.kinds)
@@ -100,6 +112,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         fault = self.server.proxy.draw(self.command, self.path)
         if fault == "reset":
+            self._reset()
+        elif fault == "lost":
+            self._upstream(body)
             self._reset()
         elif fault in _S3_ERRORS:
             self._s3_error(fault)
@@ -121,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _forward(self, body: bytes) -> None:
+    def _upstream(self, body: bytes) -> tuple[http.client.HTTPResponse, bytes]:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         if body or self.command in ("PUT", "POST"):
             headers["Content-Length"] = str(len(body))
@@ -129,9 +144,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             upstream.request(self.command, self.path, body=body or None, headers=headers)
             response = upstream.getresponse()
-            data = response.read()
+            return response, response.read()
         finally:
             upstream.close()
+
+    def _forward(self, body: bytes) -> None:
+        response, data = self._upstream(body)
         self.send_response_only(response.status, response.reason)
         for key, value in response.getheaders():
             if key.lower() not in _HOP_BY_HOP and not (key.lower() == "content-length" and self.command != "HEAD"):

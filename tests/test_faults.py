@@ -518,6 +518,24 @@ def test_training_through_10_percent_s3_faults_matches_the_fault_free_run(ray_se
     assert any(method == "GET" and "/faults/faces/happy/" in path for method, path in proxy.requests)
 
 
+def test_a_lock_put_whose_answer_was_lost_is_still_ours(s3, fault_proxy, monkeypatch):
+    """The output lock's conditional PUT is stored but its answer lost: the retry gets 412 and finds the
+    lock holding its own record. The run goes on (it is not refused by itself) and releases the lock."""
+    from conftest import BUCKET
+
+    from happysad import lock
+
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(var, fault_proxy.endpoint)
+    key = "faults/lost-answer/.lock"
+    lost_before = fault_proxy.injected["lost"]
+    fault_proxy.lose_answer_once("PUT", f"/{BUCKET}/{key}")
+    with lock.held(f"s3://{BUCKET}/{key}", "--output", f"s3://{BUCKET}/faults/lost-answer"):
+        assert json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())["pid"] == os.getpid()
+    assert fault_proxy.injected["lost"] == lost_before + 1
+    assert key not in s3_keys(s3, "faults/lost-answer/")  # released
+
+
 def test_unreachable_s3_fails_each_job_in_bounded_time_with_one_line(ray_session, s3, fault_proxy, s3_data, model_file):
     """Every S3 request fails (503, 500 or reset): each job exits non-zero within 90 s (6 attempts with backoff),
     with one line naming the URI, and writes nothing to --output."""
