@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import fields
 
+from happysad import console
 from happysad.storage import JobFailed, UsageError
 
 
@@ -147,10 +148,9 @@ def _run(args: argparse.Namespace) -> None:
         out = synth.make_data(args.out, args.n, args.seed, args.shards)
         print(f"wrote {args.n} images to {out}")
     elif args.command == "train":
-        from happysad import storage, train
+        from happysad import train
 
         config = _config(train.TrainConfig, args, data=tuple(args.data or ()))
-        storage.init_ray()  # Ray workers get this process's S3 endpoint, not the raylet's
         train.run(config)
     elif args.command == "score":
         from happysad import score
@@ -172,25 +172,11 @@ def _run(args: argparse.Namespace) -> None:
         export.run(_config(export.ExportConfig, args))
 
 
-def _quiet() -> None:
-    """Keep Ray's and TensorFlow's internals out of the console; they stay in Ray's log folder.
-
-    Set before Ray starts: workers of a cluster this process starts inherit the
-    environment. `--verbose` leaves everything as the libraries have it.
-    """
-    import ray.data  # configures Ray Data's loggers: a file in Ray's session log folder, and the console
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # CUDA-not-found and oneDNN lines from every worker
-    for handler in logging.getLogger("ray.data").handlers:  # execution plans, per-operator progress blocks
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not getattr(args, "verbose", False):
-        _quiet()
+        console.quiet()
     try:
         _run(args)
     except UsageError as exc:

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from happysad import score, sources, storage
+from happysad import console, score, sources, storage
 from happysad.storage import UsageError
 
 EPSILON = 1e-7  # Keras's clip for log loss: a score of exactly 0 or 1 costs a large, finite loss
@@ -330,7 +330,7 @@ def run(config: EvaluateConfig) -> dict:
     model = score.open_model(config.model, config.threshold)  # a bad model fails here, before anything runs
     if storage.file_type(config.output) == pafs.FileType.File:
         raise UsageError(f"--output {config.output}: is a file; give a folder")
-    storage.init_ray()  # read tasks and replicas reach the same S3 endpoint as this process
+    console.join_ray()  # read tasks and replicas reach the same S3 endpoint as this process
     labelled, listing_skipped = sources.labelled_images(list(config.data), flag="--data", max_file_mb=config.max_file_mb)
     table = predict(labelled, model, config.scoring())
     buffer = io.BytesIO()

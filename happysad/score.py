@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from happysad import inputs, lock, progress, storage
+from happysad import console, inputs, lock, progress, storage
 from happysad.decode import DecodeError, decode_image
 from happysad.model import IMAGE_SIZE, check_model_file, file_digest
 from happysad.storage import UsageError
@@ -166,7 +166,7 @@ class Replica:
         self._predict(np.zeros((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # compile before data arrives
         import keras
 
-        print(f"replica ready: keras backend {keras.backend.backend()}, model {model.id}", flush=True)
+        console.say(f"replica ready: keras backend {keras.backend.backend()}, model {model.id}")
 
     def _predict(self, images: np.ndarray) -> np.ndarray:
         n = len(images)
@@ -362,6 +362,7 @@ def run(config: ScoreConfig) -> dict:
     with lock.held(storage.join(config.output, ".lock"), "--output", config.output):
         _finish_staged(config.output)
         _retire_read_failed(config.output)
+        console.join_ray()
         pipeline = build_pipeline(config, model, found, _done_hashes(config.output))
         new_rows = 0
         if pipeline is not None:

@@ -7,7 +7,7 @@ credential chain (environment, profile, instance profile).
 
 Retries are configured here, once: every S3 request, pyarrow's or boto3's, is
 tried S3_MAX_ATTEMPTS times with the SDKs' standard (jittered exponential)
-backoff before it fails. `init_ray` passes the S3 endpoint and region on to Ray
+backoff before it fails. `console.join_ray` passes the S3 endpoint and region on to Ray
 workers, which otherwise inherit the raylet's environment, not the driver's.
 """
 
@@ -45,7 +45,7 @@ def s3_endpoint() -> str | None:
 # (jittered, doubling, capped at 20 s) makes a dead endpoint fail a request in ~20-35 s, while a
 # request that fails 1 time in 10 still succeeds 999,999 times in a million.
 S3_MAX_ATTEMPTS = 6
-# Passed on to Ray workers by `init_ray`. Credentials are not: they would show in the job's runtime
+# Passed on to Ray workers by `console.join_ray`. Credentials are not: they would show in the job's runtime
 # environment (dashboard, logs); each node takes its own from the standard chain.
 RAY_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -87,31 +87,6 @@ def ray_env_vars() -> dict[str, str]:
     with AWS_ENDPOINT_URL set would list through that endpoint but read and write elsewhere.
     """
     return {k: os.environ[k] for k in RAY_FORWARDED_ENV if k in os.environ}
-
-
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`) with `ray_env_vars()` passed on
-    to every worker of the job.
-
-    Does nothing when Ray is already up, when there is nothing to pass on, or without RAY_ADDRESS:
-    Ray then starts a cluster from this process, whose workers inherit this environment anyway
-    (or joins the last one `ray start` began on this machine: set RAY_ADDRESS to pass the endpoint on).
-    """
-    import logging
-
-    import ray
-
-    # A submitted job's own env_vars already reach its workers, and Ray refuses a key named twice.
-    env = {k: v for k, v in ray_env_vars().items() if k not in _submitted_job_env()}
-    if env and os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        # Quietly: Ray's connection lines would come before the one-line error of a check that fails next.
-        ray.init(runtime_env={"env_vars": env}, logging_level=logging.WARNING)
-        logging.getLogger("ray").setLevel(logging.INFO)  # Ray's own default, as an implicit start leaves it
-
-
-def _submitted_job_env() -> dict:
-    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
 
 
 _BUCKET_REGIONS: dict[str, str] = {}  # bucket -> region, asked of AWS once per process

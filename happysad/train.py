@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from happysad import inputs, report, sources, storage, synth
+from happysad import console, inputs, report, sources, storage, synth
 from happysad.decode import DecodeError, decode_image
 from happysad.model import IMAGE_SIZE
 from happysad.split import SPLITS, split_of
@@ -63,7 +63,6 @@ class TrainConfig:
     cache: str = "auto"  # keep decoded images in the object store across epochs: auto (if they fit), memory, none
     max_failures: int = 3  # worker-group restarts from the last checkpoint before giving up
     collective_timeout_s: float = 600  # a collective stuck this long fails instead of hanging
-    verbose: bool = False  # Ray Train's own lines (checkpoints, reports, retries with tracebacks) on the console
 
     def __post_init__(self):
         checks = {
@@ -132,7 +131,9 @@ def conflicting_hashes(decoded) -> set[str]:
     """Hashes of usable files found under both labels: byte-identical copies that contradict each other."""
     from ray.data.aggregate import Max, Min
 
-    usable = decoded.select_columns(["hash", "label", "error"]).filter(lambda row: row["error"] == "")
+    from ray.data.expressions import col
+
+    usable = decoded.select_columns(["hash", "label", "error"]).filter(expr=col("error") == "")
     # Ray's default of 200 shuffle partitions is for big data: one per block keeps small runs quick.
     by_hash = usable.groupby("hash", num_partitions=max(1, decoded.num_blocks())).aggregate(Min("label"), Max("label"))
     return {row["hash"] for row in by_hash.iter_rows() if row["min(label)"] != row["max(label)"]}
@@ -381,8 +382,10 @@ def _shown(value) -> str:
 
 
 def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict):
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+
+    with console.native_stderr_hidden():
+        from ray.train.tensorflow import TensorflowTrainer  # imports TensorFlow
 
     fs, path = storage.filesystem(output)
     parent, name = path.rsplit("/", 1)  # never a bucket root: TrainConfig refuses it
@@ -404,7 +407,6 @@ def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict
             # bounded like worker failures, or the run waits forever.
             failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=LoggingConfig(log_level="INFO" if config.verbose else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest),
@@ -442,6 +444,7 @@ def run(config: TrainConfig) -> dict:
         _check_resume(output, record)
     uris = list(config.data) or [str(synth.demo_data())]
     started = time.perf_counter()
+    console.join_ray()
     data = prepare_datasets(config, uris)
     log.info("data: %s; skipped: %s", data.counts, data.skipped or "none")
     # Recorded before the first checkpoint: a later --resume is checked against it.
@@ -463,7 +466,8 @@ def run(config: TrainConfig) -> dict:
         "config": record,
     }
     model_info = report.model_json(returned["threshold"]["value"], sources.CLASSES, IMAGE_SIZE)
-    report.write_run(output, returned["model"], model_info, metrics, returned["history"], returned["tensorboard"])
+    with console.native_stderr_hidden():  # TensorFlow's first device use here prints "failed call to cuInit"
+        report.write_run(output, returned["model"], model_info, metrics, returned["history"], returned["tensorboard"])
     test = metrics["test"]
     print(
         f"done: test accuracy {report.shown(test, 'accuracy')}  auc {report.shown(test, 'auc')}  (n={test['n']})  "

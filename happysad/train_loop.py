@@ -40,6 +40,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     import ray.train
     import tensorflow as tf
 
+    from happysad import console
     from happysad.report import choose_threshold, defined_metrics, shown
 
     config = loop_config["config"]
@@ -129,10 +130,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         row |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
         state = {"epoch": epoch + 1, "history": state["history"] + [row], "val": val, "threshold": threshold}
         if rank == 0:
-            print(
+            console.say(
                 f"epoch {epoch + 1}/{config.epochs}  loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f}  "
-                f"val_accuracy {shown(val, 'accuracy')}  {row['images_per_second']:.1f} img/s",
-                flush=True,
+                f"val_accuracy {shown(val, 'accuracy')}  {row['images_per_second']:.1f} img/s"
             )
         _report(model, state, rank)
 

@@ -401,4 +401,22 @@ def test_ray_job_submit_runs_train(ray_session, tiny_folders, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout.lower()
     assert "done: test accuracy" in result.stdout
+    assert result.stdout.count("epoch 1/1 ") == 1  # the job's workers' lines reach `ray job submit`, once
     assert json.loads((output / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_the_console_on_a_non_tty_is_a_few_lines_each_epoch_once(ray_session, tiny_folders, tmp_path):
+    """What a user reads (stdout and stderr together, no TTY): the data, the cache choice, each epoch once,
+    the summary. Ray's, Ray Data's and TensorFlow's own lines stay in Ray's log folder."""
+    args = ["--data", str(tiny_folders), "--output", str(tmp_path / "run"), "--epochs", "3", "--batch-size", "8"]
+    result = subprocess.run(
+        [sys.executable, "jobs/train.py", *args], cwd=REPO, env=ray_session["env"], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    lines = result.stdout.strip().splitlines()
+    print(f"{len(lines)} lines:", *lines, sep="\n")
+    assert result.returncode == 0 and len(lines) <= 12, result.stdout
+    assert [sum(f"epoch {e}/3 " in line for line in lines) for e in (1, 2, 3)] == [1, 1, 1]
+    assert lines[-1].startswith("done: test accuracy")
+    for noise in ("absl", "oneDNN", "INFO", "Execution plan", "Reporting training result", "Warning"):
+        assert not any(noise in line for line in lines), noise
