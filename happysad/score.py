@@ -307,9 +307,8 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
     # Workers inherit the raylet's environment, not ours: pass on the Keras backend and the S3 endpoint.
     env = {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ} | storage.ray_env_vars()
     worker_env = {"env_vars": env} if env else None
-    # A task or replica lost with its node is run again, a bounded number of times (Ray Data's default
-    # is forever): a batch that kills every process it reaches fails the job instead of hanging it.
-    node_loss_retries = 3
+    # A task or replica lost with its node is run again by Ray Data's own fault tolerance (tasks retried
+    # and replicas restarted on system failures, without bound; Ray 2.60 deprecates setting those bounds).
     parts = []
     files = found.files.filter(pa.array(~inputs.done_mask(done, inputs.path_hashes(found.files["path"].to_pylist()))))
     if files.num_rows:
@@ -327,7 +326,6 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
                 # What one streaming reader holds. Remote args unlike the replicas' also keep Ray from
                 # fusing the reader into a replica, which would decode a whole archive in one process.
                 memory=inputs.READER_MEMORY,
-                max_retries=node_loss_retries,
                 runtime_env=worker_env,
             )
         )
@@ -337,7 +335,7 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
     if config.gpu:  # decode on every CPU of the cluster; replicas only predict
         ds = ds.map_batches(
             decode_batch, fn_kwargs={"max_bytes": config.max_bytes}, batch_size=config.batch_size, num_cpus=1,
-            max_retries=node_loss_retries, runtime_env=worker_env,
+            runtime_env=worker_env,
         )
     return ds.map_batches(
         Replica,
@@ -346,10 +344,6 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
         compute=_replica_pool(config),
         num_gpus=1 if config.gpu else 0,
         num_cpus=0 if config.gpu else 1,
-        max_restarts=node_loss_retries,  # a replica lost with its node starts again on another...
-        # ...and scores again the batches it held. Not counted: while the replica restarts, each
-        # resubmission fails at once and would use up any small budget; the restarts bound it.
-        max_task_retries=-1,
         runtime_env=worker_env,
     )
 
