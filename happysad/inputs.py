@@ -158,7 +158,7 @@ def read_archive(batch: dict, max_bytes: int, done) -> object:
     block, block_bytes = [], 0
     seen: set[int] = set()  # path hashes of this archive's members: 8 bytes of hash (~70 in a set) a member
     try:
-        for name, data, error in _members(uri, max_bytes):
+        for name, data, error in archive_members(uri, max_bytes):
             path = f"{uri}#{name}"
             digest = path_hashes([path])
             if int(digest[0]) in seen:  # appended again (`tar -r`) or forged: one path, one row
@@ -188,7 +188,7 @@ def _archive_rows(block: list[tuple[str, bytes, str | None]]) -> pa.Table:
     )
 
 
-def _members(uri: str, max_bytes: int):
+def archive_members(uri: str, max_bytes: int):
     """(name, bytes, error) for each member that is not a folder, in archive order."""
     return _zip_members(uri, max_bytes) if uri.lower().endswith(".zip") else _tar_members(uri, max_bytes)
 

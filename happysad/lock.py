@@ -29,7 +29,7 @@ def held(uri: str, flag: str, value: str):
     """Hold the lock at `uri` for the block, or raise UsageError naming `flag value` if a live run holds it."""
     me = {"run": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid()}
     if not _create(uri, _record(me)):
-        owner = _read(uri)
+        owner = _read_settled(uri)
         # Our own record: a retried PUT whose first try was stored but whose answer was lost (412 on the retry).
         if owner is not None and owner.get("run") != me["run"] and _alive(owner):
             raise UsageError(
@@ -72,6 +72,16 @@ def _read(uri: str) -> dict | None:
         return json.loads(storage.read_bytes(uri))
     except (OSError, ValueError):
         return None
+
+
+def _read_settled(uri: str) -> dict | None:
+    """The lock's record; a create that lost a race (S3 409 ConditionalRequestConflict) may find the
+    winner's object not readable yet, so wait a moment before taking it for a stale, unreadable lock."""
+    for _ in range(5):
+        if (owner := _read(uri)) is not None:
+            return owner
+        time.sleep(1)
+    return None
 
 
 def _alive(owner: dict) -> bool:

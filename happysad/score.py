@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -293,26 +294,38 @@ def _replica_pool(config: ScoreConfig) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=1, max_size=None, **threads)
 
 
-def _file_blocks(n: int, config: ScoreConfig) -> int:
-    """Blocks of BATCHES_PER_BLOCK whole model batches (at most --rows-per-file paths).
+def _file_blocks(files: pa.Table, config: ScoreConfig) -> list[pa.Table]:
+    """The listing cut into blocks of BATCHES_PER_BLOCK whole model batches (at most --rows-per-file paths).
 
     Not sized from the CPUs seen at start: an autoscaling cluster starts small, and
-    queued blocks are what new replicas and decode tasks on joining nodes take.
+    queued blocks are what new replicas and decode tasks on joining nodes take. Cut
+    here, not by `repartition`: its task needs a CPU, which replicas holding every
+    CPU (`--concurrency` = the cluster's CPUs) would never leave it.
     """
     per_block = min(config.batch_size * BATCHES_PER_BLOCK, config.rows_per_file)
-    return max(1, -(-n // per_block))
+    return [files.slice(start, per_block) for start in range(0, files.num_rows, per_block)]
 
 
 def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.ndarray):
+    with warnings.catch_warnings():
+        # Retry bounds reach map_batches only through `**ray_remote_args`, which Ray 2.60 deprecates with
+        # no named replacement for them (ray-project/ray#65227 names the others). The bounds are kept and
+        # only this warning is silenced: without them a batch that kills its process is retried forever.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        return _pipeline(config, model, found, done)
+
+
+def _pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.ndarray):
     # Workers inherit the raylet's environment, not ours: pass on the Keras backend and the S3 endpoint.
     env = {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ} | storage.ray_env_vars()
     worker_env = {"env_vars": env} if env else None
-    # A task or replica lost with its node is run again by Ray Data's own fault tolerance (tasks retried
-    # and replicas restarted on system failures, without bound; Ray 2.60 deprecates setting those bounds).
+    # A task or replica lost with its node is run again, a bounded number of times (Ray Data's default
+    # is forever): a batch that kills every process it reaches fails the job instead of hanging it.
+    node_loss_retries = 3
     parts = []
     files = found.files.filter(pa.array(~inputs.done_mask(done, inputs.path_hashes(found.files["path"].to_pylist()))))
     if files.num_rows:
-        parts.append(ray.data.from_arrow(files).repartition(_file_blocks(files.num_rows, config)))
+        parts.append(ray.data.from_arrow(_file_blocks(files, config)))
     # An archive with a row of its own (`empty`) is done; one whose read failed had that row retired.
     archives = [a.uri for a in found.archives if not inputs.done_mask(done, inputs.path_hashes([a.uri]))[0]]
     if archives:
@@ -326,7 +339,11 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
                 # What one streaming reader holds. Remote args unlike the replicas' also keep Ray from
                 # fusing the reader into a replica, which would decode a whole archive in one process.
                 memory=inputs.READER_MEMORY,
+                # Reading is I/O (members are decoded by the replicas), and a reader that needed a CPU
+                # would never start while replicas hold every CPU (`--concurrency` = the cluster's CPUs).
+                num_cpus=0,
                 runtime_env=worker_env,
+                max_retries=node_loss_retries,
             )
         )
     if not parts:
@@ -335,7 +352,7 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
     if config.gpu:  # decode on every CPU of the cluster; replicas only predict
         ds = ds.map_batches(
             decode_batch, fn_kwargs={"max_bytes": config.max_bytes}, batch_size=config.batch_size, num_cpus=1,
-            runtime_env=worker_env,
+            runtime_env=worker_env, max_retries=node_loss_retries,
         )
     return ds.map_batches(
         Replica,
@@ -345,7 +362,12 @@ def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done
         num_gpus=1 if config.gpu else 0,
         num_cpus=0 if config.gpu else 1,
         runtime_env=worker_env,
+        # A replica lost with its node starts again on another and scores again the batches it held. Those
+        # are not counted: while it restarts each resubmission fails at once; the restarts bound them.
+        max_restarts=node_loss_retries,
+        max_task_retries=-1,
     )
+
 
 
 def run(config: ScoreConfig) -> dict:

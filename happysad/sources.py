@@ -3,7 +3,9 @@
 Labelled rows for training are {path, bytes, label, error}; `path` is always
 a full URI (Ray strips the `s3://` scheme; we put it back). Class folders are
 listed by `storage.list_files` (our rules for hidden names, any file name)
-and read by Ray tasks; shards are read by Ray's WebDataset reader. Unusable
+and read by Ray tasks; shards are streamed by our own tar reader (`inputs`),
+one task a shard, member by member, so no member is held whole past
+--max-file-mb. Unusable
 URIs fail here, before any work starts, with a UsageError naming the URI and
 what was found.
 """
@@ -11,12 +13,12 @@ what was found.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
-from ray.data import FileShuffleConfig
 
 from happysad import inputs, storage
 from happysad.storage import UsageError
@@ -71,7 +73,7 @@ def _labelled_one(uri: str, flag: str, shuffle_seed: int | None, max_bytes: int)
     if images:
         parts.append(_class_folders(images, shuffle_seed, max_bytes))
     if shards:
-        parts.append(_webdataset_shards(uri, shards, shuffle_seed))
+        parts.append(_webdataset_shards(shards, shuffle_seed, max_bytes))
     skipped = {reason: n for reason, n in (("hidden", hidden), ("no_label", unlabelled)) if n}
     return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), skipped
 
@@ -90,33 +92,61 @@ def _class_folders(images: list[tuple[storage.Listed, str]], shuffle_seed: int |
             "label": [label for _, label in images],
         }
     )
-    blocks = -(-len(images) // FILES_PER_BLOCK)
-    ds = ray.data.from_arrow(table).repartition(blocks) if blocks > 1 else ray.data.from_arrow(table)
+    ds = ray.data.from_arrow([table.slice(start, FILES_PER_BLOCK) for start in range(0, len(images), FILES_PER_BLOCK)])
     read = ds.map_batches(inputs.read_files, fn_kwargs={"max_bytes": max_bytes}, batch_size=FILES_PER_BLOCK)
     return read.select_columns(["path", "bytes", "label", "error"])
 
 
-def _webdataset_shards(uri: str, shards: list[storage.Listed], shuffle_seed: int | None) -> ray.data.Dataset:
-    fs, _ = storage.filesystem(uri)
-    paths = [s.uri[len("s3://") :] if storage.is_s3(s.uri) else s.uri for s in shards]
-    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
-    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=shuffle)
+def _webdataset_shards(shards: list[storage.Listed], shuffle_seed: int | None, max_bytes: int) -> ray.data.Dataset:
+    """One read task per shard, streaming its members (Ray's WebDataset reader holds each member whole,
+    however large): a member over --max-file-mb is `too_large` unread, a damaged shard `read_failed`."""
+    uris = [s.uri for s in shards]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(uris)
+    listed = ray.data.from_items([{"path": u} for u in uris], override_num_blocks=len(uris))
+    return listed.map_batches(read_shard, batch_size=1, fn_kwargs={"max_bytes": max_bytes}, batch_format="pyarrow")
 
-    def sample_to_row(batch: dict) -> dict:
-        # Member suffixes keep their case in the columns (`KEY.JPG` -> "JPG"): match them case-insensitively.
-        image_columns = [c for c in batch if c.lower() in IMAGE_SUFFIXES]
-        label_columns = [c for c in batch if c.lower() == "cls"]
-        paths, images, labels = [], [], []
-        for i, key in enumerate(batch["__key__"]):
-            suffix = next((c for c in image_columns if isinstance(batch[c][i], bytes)), None)
-            cls = next((batch[c][i] for c in label_columns if isinstance(batch[c][i], bytes)), None)
-            member = f"{key}.{suffix}" if suffix else key
-            paths.append(f"{storage.to_uri(batch['__url__'][i], uri)}#{member}")
-            images.append(batch[suffix][i] if suffix else b"")
-            labels.append(parse_label(cls))
-        return {"path": paths, "bytes": images, "label": labels, "error": [None] * len(paths)}
 
-    return ds.map_batches(sample_to_row, batch_format="numpy")
+_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's split: key up to the basename's first dot
+
+
+def read_shard(batch, max_bytes: int):
+    """{path, bytes, label, error} rows, one per sample (consecutive members sharing a key), yielded in
+    blocks of bounded size; damage that stops the shard adds one `read_failed` row for the shard."""
+    (uri,) = batch["path"].to_pylist()
+    rows, size, key, members = [], 0, None, {}
+    try:
+        for name, data, error in inputs.archive_members(uri, max_bytes):
+            match = _KEY_SUFFIX.match(name)
+            member_key, suffix = match.groups() if match else (name, "")
+            if member_key != key and members:
+                rows.append(_sample_row(uri, key, members))
+                size, members = size + len(rows[-1]["bytes"]), {}
+                if len(rows) >= inputs.BLOCK_MEMBERS or size >= inputs.BLOCK_BYTES:
+                    yield _rows_table(rows)
+                    rows, size = [], 0
+            key, members[suffix.lower()] = member_key, (suffix, data, error)
+    except inputs.MEMBER_ERRORS:
+        rows.append({"path": uri, "bytes": b"", "label": None, "error": "read_failed"})
+    if members:
+        rows.append(_sample_row(uri, key, members))
+    if rows:
+        yield _rows_table(rows)
+
+
+def _sample_row(uri: str, key: str, members: dict) -> dict:
+    image = next((s for s in members if s in IMAGE_SUFFIXES), None)
+    cls = members.get("cls")
+    label = parse_label(cls[1]) if cls and cls[2] is None else None
+    if image is None:
+        return {"path": f"{uri}#{key}", "bytes": b"", "label": label, "error": None}
+    suffix, data, error = members[image]
+    return {"path": f"{uri}#{key}.{suffix}", "bytes": data, "label": label, "error": error}
+
+
+def _rows_table(rows: list[dict]) -> pa.Table:
+    schema = pa.schema([("path", pa.string()), ("bytes", pa.binary()), ("label", pa.string()), ("error", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def parse_label(raw) -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
 import time
 from collections import Counter
@@ -43,6 +44,7 @@ RESUME_GUARDED = ("data", "seed", "val_fraction", "test_fraction", "learning_rat
 CACHE_MODES = ("auto", "memory", "none")
 CACHE_FRACTION = 0.5  # --cache auto caches decoded images that fit this share of the object store (held twice while split)
 DECODED_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3  # one decoded image in the object store
+WORKER_START_TIMEOUT_S = 600  # how long one try to place the worker group waits for nodes (an autoscaler adds them)
 
 
 @dataclass(frozen=True)
@@ -384,6 +386,10 @@ def _shown(value) -> str:
 def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
+    # Ray Train's 60 s would fail a first start on an autoscaled cluster still adding its nodes (every
+    # failed start counts against controller_failure_limit). Passed on by Ray Train to its controller.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
+
     with console.native_stderr_hidden():
         from ray.train.tensorflow import TensorflowTrainer  # imports TensorFlow
 
@@ -404,7 +410,7 @@ def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict
             storage_path=parent,
             storage_filesystem=fs,
             # A worker group that cannot be placed (a node lost, none left) fails its start and is retried:
-            # bounded like worker failures, or the run waits forever.
+            # bounded like worker failures, or the run waits forever. Each try waits WORKER_START_TIMEOUT_S.
             failure_config=FailureConfig(max_failures=config.max_failures, controller_failure_limit=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -413,20 +419,21 @@ def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict
     )
 
 
-def _fit(trainer, config: TrainConfig, output: str) -> dict:
+def _fit(trainer, output: str) -> dict:
     from ray.train import TrainingFailedError
 
     try:
         return trainer.fit().return_value
     except TrainingFailedError as exc:
-        raise storage.JobFailed(
-            f"training failed ({_cause(exc)}); its last checkpoint is in {output}: rerun with --resume"
-        ) from None
+        checkpointed = any(i.base_name.startswith("checkpoint_") for i in storage.list_dir(output))
+        then = f"its last checkpoint is in {output}: rerun with --resume" if checkpointed else "no checkpoint was written"
+        raise storage.JobFailed(f"training failed ({_cause(exc)}); {then}") from None
 
 
 def _cause(failed) -> str:
     """One line on why Ray Train gave up: the controller's error (a group it could not place), else the
-    last line of the first worker's traceback. The full tracebacks are above it in the log."""
+    last line of the first worker's traceback. The full tracebacks are in Ray's log folder (and on the
+    console with --verbose)."""
     controller = getattr(failed, "controller_failure", None)
     if controller is not None:
         return str(controller).split(". ")[0]
@@ -450,7 +457,7 @@ def run(config: TrainConfig) -> dict:
     # Recorded before the first checkpoint: a later --resume is checked against it.
     storage.write_bytes(storage.join(output, "config.json"), json.dumps(record, indent=2).encode())
     loop_config = {"config": config, "rows": data.rows, "counts": data.counts}
-    returned = _fit(_trainer(config, output, data.datasets, loop_config), config, output)
+    returned = _fit(_trainer(config, output, data.datasets, loop_config), output)
     metrics = {
         "val": returned["val"],
         "test": returned["test"],

@@ -97,7 +97,9 @@ def inputs_of(root: Path) -> tuple[str, ...]:
 def test_one_row_per_input_with_errors_and_parity(ray_session, model_file, mixed_inputs, tmp_path):
     root, expected = mixed_inputs
     output = str(tmp_path / "scores")
-    summary = run(ScoreConfig(inputs=inputs_of(root), output=output, model=str(model_file), batch_size=8))
+    # Two replicas hold both CPUs of the test head: nothing upstream may need a CPU of its own (a
+    # `repartition` task did, and the job waited forever).
+    summary = run(ScoreConfig(inputs=inputs_of(root), output=output, model=str(model_file), batch_size=8, concurrency=2))
     rows = read_rows(output)
     assert len(rows) == len(expected) == summary["rows"]
     assert {r["path"] for r in rows} == set(expected)

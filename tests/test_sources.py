@@ -5,6 +5,7 @@ import os
 import shutil
 import tarfile
 
+import pyarrow as pa
 import pytest
 
 from conftest import BUCKET, run_cli, upload_tree
@@ -89,6 +90,34 @@ def test_webdataset_shards(ray_session, tiny_shards, tiny_folders):
     assert len(rows) == 24
     assert {r["bytes"]: r["label"] for r in rows} == from_folders
     assert all(".tar#" in r["path"] for r in rows)
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_shard_members_over_the_limit_are_too_large_and_damage_keeps_what_came_before(tmp_path):
+    """Shards stream member by member: a 2 MB member under a 1 MB limit is `too_large` (its label kept, its
+    bytes never held), the samples around it are rows; a shard cut off inside a member keeps the samples
+    before the cut, and the cut one is `read_failed`."""
+    face = synth.sample(5, 0)
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, data, label in (("a", face.data, b"happy"), ("big", face.data + bytes(2 << 20), b"sad"), ("c", face.data, b"0")):
+            add_member(tar, f"{key}.jpg", data)
+            add_member(tar, f"{key}.cls", label)
+        add_member(tar, "d.cls", b"sad")  # a sample with no image
+    rows = [r for block in sources.read_shard(pa.table({"path": [str(shard)]}), 1 << 20) for r in block.to_pylist()]
+    assert [(r["path"].split("#")[1], r["label"], r["error"], len(r["bytes"])) for r in rows] == [
+        ("a.jpg", "happy", None, len(face.data)), ("big.jpg", "sad", "too_large", 0),
+        ("c.jpg", "happy", None, len(face.data)), ("d", "sad", None, 0),
+    ]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[: 3 * 512 + len(face.data) + 1000])  # inside the big member's data
+    rows = [r for block in sources.read_shard(pa.table({"path": [str(cut)]}), 64 << 20) for r in block.to_pylist()]
+    assert [(r["path"].split("#")[1], r["error"]) for r in rows] == [("a.jpg", None), ("big.jpg", "read_failed")]
 
 
 def test_several_uris_are_combined(ray_session, tiny_shards, tiny_folders):
