@@ -91,7 +91,8 @@ def run_job(data: Path, epochs: int, workers: int, out: Path, env: dict) -> tupl
 def run_worker(name: str, data: Path, epochs: int, env: dict) -> tuple[float, list[float], int]:
     code = WORKER[name].replace("DATA", repr(str(data))).replace("EPOCHS", str(epochs))
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout.split()
+    stdout = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
+    out = stdout.strip().splitlines()[-1].split()  # Keras prints "Found N files ..." before the figures
     return time.perf_counter() - start, [float(v) for v in out[:-1]], int(out[-1])
 
 
