@@ -50,6 +50,7 @@ def join_ray() -> None:
     Called where a job first needs Ray, after its own checks: a bad flag costs no cluster start.
     """
     import ray
+    import ray.data
 
     from happysad import storage
 
@@ -58,6 +59,9 @@ def join_ray() -> None:
         env = {k: v for k, v in storage.ray_env_vars().items() if k not in _submitted_job_env()}
         # Quiet, only Ray's errors: its start-up notices would come before the job's own first lines.
         ray.init(runtime_env={"env_vars": env} if env else None, logging_level=logging.INFO if _verbose else logging.ERROR)
+    if sys.stdout.isatty():  # Ray Data's bars (done/total, rate, ETA) with rich, which Ray installs; tqdm may be absent
+        context = ray.data.DataContext.get_current()
+        context.enable_rich_progress_bars, context.use_ray_tqdm = True, False
     if not _verbose:
         _show_only_marked_worker_lines()
 
