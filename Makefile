@@ -16,4 +16,4 @@ demo: $(VENV)/.installed
 	$(PY) jobs/train.py
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
