@@ -13,7 +13,6 @@ workers, which otherwise inherit the raylet's environment, not the driver's.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import stat
