@@ -3,7 +3,8 @@
 Ray forwards every worker's stdout and stderr to the driver's console: TensorFlow's
 start-up lines from each process, Ray Train's per-report lines, Ray Data's execution
 plans. Quiet (the default), the driver shows only the worker lines written with `say`
-(an epoch's metrics, a replica ready); every line still lands in Ray's log folder
+(an epoch's metrics, a replica ready), Ray's reports on nodes and scheduling (raylet,
+autoscaler) and Ray's warnings (Ray Data's only as errors); every line still lands in Ray's log folder
 (`/tmp/ray/session_latest/logs` on each node), and `--verbose` shows them all.
 """
 
@@ -13,9 +14,11 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 import warnings
 
 MARK = "[happysad] "  # starts each worker line meant for the console; the driver drops it when showing the line
+SYSTEM_SOURCES = ("autoscaler", "raylet")  # Ray's own reports on nodes and scheduling: always shown
 _verbose = True  # until quiet() says otherwise: library code run outside the CLI shows everything
 
 
@@ -36,7 +39,9 @@ def quiet() -> None:
     import ray.data  # configures Ray Data's loggers: a file in Ray's session log folder, and the console
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    for handler in logging.getLogger("ray.data").handlers:  # operator-name and progress-bar notices
+    # Ray Data's console says INFO (execution plans, progress blocks) and warns falsely at every start
+    # ("no available CPUs" before the node has registered them): errors only. Its log file keeps all.
+    for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.ERROR)
     # Raised inside Ray's own calls (its Train ingest options), not ours: nothing for a user to change.
@@ -59,6 +64,8 @@ def join_ray() -> None:
         env = {k: v for k, v in storage.ray_env_vars().items() if k not in _submitted_job_env()}
         # Quiet, only Ray's errors: its start-up notices would come before the job's own first lines.
         ray.init(runtime_env={"env_vars": env} if env else None, logging_level=logging.INFO if _verbose else logging.ERROR)
+        if not _verbose:
+            logging.getLogger("ray").setLevel(logging.WARNING)  # later warnings (autoscaler errors) are shown
     if sys.stdout.isatty():  # Ray Data's bars (done/total, rate, ETA) with rich, which Ray installs; tqdm may be absent
         context = ray.data.DataContext.get_current()
         context.enable_rich_progress_bars, context.use_ray_tqdm = True, False
@@ -68,21 +75,27 @@ def join_ray() -> None:
 
 @contextlib.contextmanager
 def native_stderr_hidden():
-    """Quiet, hide what C++ code writes to stderr inside the block: TensorFlow's import prints its oneDNN
-    and CUDA-not-found lines before any log level is read (TF_CPP_MIN_LOG_LEVEL cannot stop them)."""
+    """Quiet, hold back what C++ code writes to stderr inside the block: TensorFlow's import prints its
+    oneDNN and CUDA-not-found lines before any log level is read (TF_CPP_MIN_LOG_LEVEL cannot stop them).
+    If the block raises, what was held back is written out after all."""
     if _verbose:
         yield
         return
     sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
 
 
 def _submitted_job_env() -> dict:
@@ -94,18 +107,22 @@ def _submitted_job_env() -> dict:
 
 def _show_only_marked_worker_lines() -> None:
     # Ray has no public hook on the stream of worker lines it prints; this wraps the handler it registers.
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-    handlers = dict(dispatcher.handlers)
-    show = handlers.get("ray_print_logs")
-    if show is None or getattr(show, "marked_only", False):  # log_to_driver off, or already wrapped
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # another Ray: everything is shown, as with --verbose
         return
+    with dispatcher._lock:
+        show = dict(dispatcher.handlers).get("ray_print_logs")
+        if show is None or getattr(show, "marked_only", False):  # log_to_driver off, or already wrapped
+            return
 
-    def marked_only(data: dict) -> None:
-        lines = [line[line.index(MARK) + len(MARK) :] for line in data["lines"] if MARK in line]
-        if lines:
-            show(data | {"lines": lines})
+        def marked_only(data: dict) -> None:
+            if data.get("pid") in SYSTEM_SOURCES:  # a node lost, a task that cannot be scheduled
+                show(data)
+                return
+            lines = [line[line.index(MARK) + len(MARK) :] for line in data["lines"] if MARK in line]
+            if lines:
+                show(data | {"lines": lines})
 
-    marked_only.marked_only = True
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", marked_only)
+        marked_only.marked_only = True
+        dispatcher.handlers = [(name, marked_only if name == "ray_print_logs" else h) for name, h in dispatcher.handlers]
