@@ -226,3 +226,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
         [sys.executable, "-m", "happysad.cli", *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env or os.environ.copy(),
     )
+
+
+def wait_for_registered_checkpoint(output: Path, job: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
+    """Wait until Ray Train has registered a checkpoint of the run at `output`. A checkpoint_* folder appears
+    as soon as its upload starts; a group restarted before the controller registers it starts from scratch."""
+    import json
+
+    snapshot = output / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while job.poll() is None and time.monotonic() < deadline:
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint registered (exit {job.poll()}):\n{log_path.read_text()[-3000:]}")

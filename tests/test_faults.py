@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import REPO, joined_node, run_cli
+from conftest import REPO, joined_node, run_cli, wait_for_registered_checkpoint
 from happysad import inputs, storage, synth
 
 JPEG = next(s.data for s in (synth.sample(5, i) for i in range(10)) if s.extension == "jpg")
@@ -648,13 +648,6 @@ def start_training(args: list[str], log_path: Path) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "happysad.cli", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_for_checkpoint(job: subprocess.Popen, output: Path, log_path: Path) -> None:
-    deadline = time.monotonic() + 300
-    while not list(output.glob("checkpoint_*")) and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(1)
-    assert job.poll() is None and list(output.glob("checkpoint_*")), log_path.read_text()[-3000:]
-
-
 def node_id_with(resource: str) -> str:
     import ray
 
@@ -689,7 +682,7 @@ def test_training_continues_from_its_checkpoint_when_a_node_is_lost(ray_session,
         started = time.monotonic()
         job = start_training(args, log_path)
         try:
-            wait_for_checkpoint(job, output, log_path)
+            wait_for_registered_checkpoint(output, job, log_path)
             ranks = train_worker_nodes(ray_session["dashboard"], output.name)
             victim = 1 if ranks[1] in killable else 0
             kill_raylet(killable[ranks[victim]])
@@ -721,7 +714,7 @@ def test_training_that_cannot_continue_fails_clearly_and_resume_completes_it(ray
     with joined_node(ray_session, cpus=2, name="node_b") as node_b:
         job = start_training([*args, "--one-per-node"], log_path)
         try:
-            wait_for_checkpoint(job, output, log_path)
+            wait_for_registered_checkpoint(output, job, log_path)
             kill_raylet(node_b)
             killed = time.monotonic()
             returncode = job.wait(timeout=300)

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import BUCKET, REPO, run_cli, upload_tree
+from conftest import BUCKET, REPO, run_cli, upload_tree, wait_for_registered_checkpoint
 from happysad import sources, storage, synth
 from happysad.cli import _config, build_parser
 from happysad.decode import decode_image
@@ -371,10 +370,7 @@ def test_killed_worker_restarts_from_checkpoint_and_run_completes(ray_session, o
     log = open(tmp_path / "train.log", "w")
     proc = subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while not list(output.glob("checkpoint_*")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(1)
-        assert list(output.glob("checkpoint_*")), (tmp_path / "train.log").read_text()[-3000:]
+        wait_for_registered_checkpoint(output, proc, tmp_path / "train.log")
         workers = ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         assert len(workers) == 2
         os.kill(workers[1].pid, signal.SIGKILL)
