@@ -13,13 +13,16 @@ extracted and never held whole; a member's path is `ARCHIVE_URI#MEMBER`.
 from __future__ import annotations
 
 import hashlib
+import io
 import lzma
 import stat
 import struct
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -29,10 +32,20 @@ from happysad.storage import UsageError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 ROW_SCHEMA = pa.schema(
-    [("path", pa.string()), ("source", pa.binary()), ("size", pa.int64()), ("bytes", pa.binary()), ("error", pa.string())]
+    [
+        ("path", pa.string()),
+        ("source", pa.binary()),  # what to read: a file, or the archive that holds a member; b"" when `bytes` is set
+        ("size", pa.int64()),
+        ("offset", pa.int64()),  # WHOLE for a file; an archive member's data offset in `source`
+        ("bytes", pa.binary()),
+        ("error", pa.string()),
+    ]
 )
+WHOLE = -1
 BLOCK_MEMBERS = 256  # an archive is emitted in blocks of at most this many members...
 BLOCK_BYTES = 32 << 20  # ...or this many bytes, whichever comes first: memory follows the block, not the archive
+TAR_READ_AHEAD = 256 << 10  # one request reads this much: the headers of several small members
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: no offsets to point at; members are carried
 READER_MEMORY = 512 << 20  # what an archive reader may hold: a block, Ray's output buffer, the largest member
 # A damaged member: bad CRC or header (BadZipFile), corrupt deflate or xz data (zlib.error, LZMAError),
 # an encrypted member (RuntimeError), an unknown compression (NotImplementedError), a cut-short stream
@@ -96,6 +109,7 @@ def _rows(files: list[storage.Listed]) -> pa.Table:
             "path": [f.uri for f in files],
             "source": [f.source for f in files],
             "size": [f.size for f in files],
+            "offset": pa.array([WHOLE] * n, pa.int64()),
             "bytes": pa.array([b""] * n, pa.binary()),
             "error": pa.nulls(n, pa.string()),
         },
@@ -120,15 +134,23 @@ def done_mask(done: np.ndarray, hashes: np.ndarray) -> np.ndarray:
 
 
 def read_files(batch: dict, max_bytes: int) -> dict:
-    """Fill `bytes` of every row that has a source and no error yet; failures become error rows."""
+    """Fill `bytes` of every row that has a source and no error yet; failures become error rows.
+
+    Members of one archive are read with one ranged read per run of neighbouring members
+    (tar headers between them are read and dropped): a batch of small faces from an
+    S3 tar is a few requests, not one per face.
+    """
     data, errors = list(batch["bytes"]), [e if isinstance(e, str) else None for e in batch["error"]]
-    for i, (source, size) in enumerate(zip(batch["source"], batch["size"])):
+    members: dict[bytes, list[int]] = {}
+    for i, (source, size, offset) in enumerate(zip(batch["source"], batch["size"], batch["offset"])):
         if errors[i] or not source:
             continue
         if size > max_bytes:
             errors[i] = "too_large"
         elif size == storage.NOT_A_FILE:
             errors[i] = "read_failed"
+        elif offset != WHOLE:
+            members.setdefault(source, []).append(i)
         else:
             try:
                 with storage.open_source(source) as stream:
@@ -136,13 +158,58 @@ def read_files(batch: dict, max_bytes: int) -> dict:
                 errors[i] = "too_large" if len(data[i]) > max_bytes else None  # grew since it was listed
             except OSError:
                 errors[i] = "read_failed"
-        if errors[i]:
+    for source, rows in members.items():
+        _read_members(source, rows, batch, data, errors)
+    for i, error in enumerate(errors):
+        if error:
             data[i] = b""
     return batch | {"bytes": data, "error": errors}
 
 
+SPAN_GAP = 64 << 10  # neighbouring members closer than this are read in one request...
+SPAN_BYTES = 16 << 20  # ...of at most this many bytes
+
+
+def _read_members(source: bytes, rows: list[int], batch: dict, data: list, errors: list) -> None:
+    """Read archive members given by (offset, size) from `source`; a member cut short is `read_failed`."""
+    rows = sorted(rows, key=lambda i: batch["offset"][i])
+    spans, span = [], [rows[0]]
+    for i in rows[1:]:
+        start, end = batch["offset"][span[0]], batch["offset"][i] + batch["size"][i]
+        if batch["offset"][i] - (batch["offset"][span[-1]] + batch["size"][span[-1]]) <= SPAN_GAP and end - start <= SPAN_BYTES:
+            span.append(i)
+        else:
+            spans.append(span)
+            span = [i]
+    spans.append(span)
+    try:
+        archive = storage.open_random(source)
+    except OSError:
+        for i in rows:
+            errors[i] = "read_failed"
+        return
+    with archive:
+        for span in spans:
+            start = batch["offset"][span[0]]
+            end = max(batch["offset"][i] + batch["size"][i] for i in span)
+            try:
+                archive.seek(start)
+                chunk = archive.read(end - start)
+            except OSError:
+                chunk = b""
+            for i in span:
+                at = batch["offset"][i] - start
+                data[i] = chunk[at : at + batch["size"][i]]
+                errors[i] = None if len(data[i]) == batch["size"][i] else "read_failed"  # the archive ends inside it
+
+
 def read_archive(batch: dict, max_bytes: int, done) -> object:
     """Rows for the members of one archive (a batch of one), yielded in bounded blocks.
+
+    A plain tar's members are rows that point into it (offset, size), read later by
+    `read_files` where they are decoded: the reader holds headers, never images, so
+    what it sends on is the same for a 100 MB and a 100 GB tar. Compressed tars and
+    zips carry their members' bytes, in blocks of bounded size.
 
     Members whose path hash is in `done` are skipped. A damaged member gets its
     own `read_failed` row and the rest is still read; damage that stops the
@@ -158,39 +225,58 @@ def read_archive(batch: dict, max_bytes: int, done) -> object:
     block, block_bytes = [], 0
     seen: set[int] = set()  # path hashes of this archive's members: 8 bytes of hash (~70 in a set) a member
     try:
-        for name, data, error in archive_members(uri, max_bytes):
-            path = f"{uri}#{name}"
+        for member in archive_members(uri, max_bytes, by_reference=True):
+            path = f"{uri}#{member.name}"
             digest = path_hashes([path])
             if int(digest[0]) in seen:  # appended again (`tar -r`) or forged: one path, one row
                 continue
             seen.add(int(digest[0]))
             if done_mask(done, digest)[0]:
                 continue
-            block.append((path, data, error))
-            block_bytes += len(data)
+            block.append(member._replace(name=path))
+            block_bytes += len(member.data)
             if len(block) >= BLOCK_MEMBERS or block_bytes >= BLOCK_BYTES:
-                yield _archive_rows(block)
+                yield _archive_rows(uri, block)
                 block, block_bytes = [], 0
         if not seen:
-            block.append((uri, b"", "empty"))
+            block.append(Member(uri, b"", "empty"))
     except MEMBER_ERRORS:
-        block.append((uri, b"", "read_failed"))
+        block.append(Member(uri, b"", "read_failed"))
     if block:
-        yield _archive_rows(block)
+        yield _archive_rows(uri, block)
 
 
-def _archive_rows(block: list[tuple[str, bytes, str | None]]) -> pa.Table:
-    paths, data, errors = zip(*block)
-    n = len(block)
+def _archive_rows(uri: str, block: list[Member]) -> pa.Table:
+    by_reference = [m.offset != WHOLE for m in block]
     return pa.table(
-        {"path": paths, "source": [b""] * n, "size": [len(d) for d in data], "bytes": data, "error": errors},
+        {
+            "path": [m.name for m in block],
+            "source": [uri.encode() if ref else b"" for ref in by_reference],
+            "size": [m.size if ref else len(m.data) for m, ref in zip(block, by_reference)],
+            "offset": [m.offset for m in block],
+            "bytes": [m.data for m in block],
+            "error": [m.error for m in block],
+        },
         schema=ROW_SCHEMA,
     )
 
 
-def archive_members(uri: str, max_bytes: int):
-    """(name, bytes, error) for each member that is not a folder, in archive order."""
-    return _zip_members(uri, max_bytes) if uri.lower().endswith(".zip") else _tar_members(uri, max_bytes)
+class Member(NamedTuple):
+    """An archive member that is not a folder: its bytes, or (`by_reference`) where they are in the archive."""
+
+    name: str
+    data: bytes
+    error: str | None
+    offset: int = WHOLE  # where a member read by reference starts in the archive
+    size: int = 0  # its size, when read by reference
+
+
+def archive_members(uri: str, max_bytes: int, by_reference: bool = False) -> Iterator[Member]:
+    """Each member that is not a folder, in archive order. With `by_reference`, a plain tar's
+    members come as offsets into it rather than bytes."""
+    if uri.lower().endswith(".zip"):
+        return _zip_members(uri, max_bytes)
+    return _tar_members(uri, max_bytes, by_reference)
 
 
 def _member_name(raw_name: str) -> str:
@@ -202,31 +288,40 @@ class ArchiveCutShort(tarfile.TarError):
     """A tar whose member headers stopped at damage, not at its end-of-archive marker."""
 
 
-def _tar_members(uri: str, max_bytes: int):
+def _tar_members(uri: str, max_bytes: int, by_reference: bool) -> Iterator[Member]:
     info_class = _recording_tarinfo()
-    with storage.open_source(uri.encode()) as stream, _open_tar(stream, info_class) as tar:
-        while (member := tar.next()) is not None:
-            tar.members.clear()  # tarfile keeps every header it read: 100,000 members would stay in memory
-            name = _member_name(member.name)
-            if member.isdir():
-                continue
-            if not member.isreg():  # links, devices, FIFOs: nothing to score, and never followed
-                yield name, b"", "unsupported"
-            elif member.size > max_bytes:
-                yield name, b"", "too_large"  # tarfile skips its data without holding it
-            else:
-                try:
-                    yield name, tar.extractfile(member).read(), None
-                except MEMBER_ERRORS:  # cut short inside this member: nothing after it can be read
-                    yield name, b"", "read_failed"
-                    return
-        if _stopped_at_damage(info_class.stop, tar.fileobj):
-            raise ArchiveCutShort(f"{uri}: a damaged header ends the members that could be read")
+    # Seekable, with a read-ahead that serves the headers of small members from one request.
+    with storage.open_random(uri.encode(), TAR_READ_AHEAD) as file:
+        plain = by_reference and not file.peek(8).startswith(COMPRESSED_MAGIC)
+        end = file.seek(0, io.SEEK_END) if plain else None
+        file.seek(0)
+        with _open_tar(file, "r:" if plain else "r|*", info_class) as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every header it read: 100,000 members would stay in memory
+                name = _member_name(member.name)
+                if member.isdir():
+                    continue
+                if not member.isreg():  # links, devices, FIFOs: nothing to score, and never followed
+                    yield Member(name, b"", "unsupported")
+                elif member.size > max_bytes:
+                    yield Member(name, b"", "too_large")  # tarfile skips its data without holding it
+                elif plain:
+                    yield Member(name, b"", None, member.offset_data, member.size)
+                    if member.offset_data + member.size > end:  # cut short inside this member: its read fails
+                        return
+                else:
+                    try:
+                        yield Member(name, tar.extractfile(member).read(), None)
+                    except MEMBER_ERRORS:  # cut short inside this member: nothing after it can be read
+                        yield Member(name, b"", "read_failed")
+                        return
+            if _stopped_at_damage(info_class.stop, tar.fileobj):
+                raise ArchiveCutShort(f"{uri}: a damaged header ends the members that could be read")
 
 
-def _open_tar(stream, info_class: type[tarfile.TarInfo]) -> tarfile.TarFile:
+def _open_tar(file, mode: str, info_class: type[tarfile.TarInfo]) -> tarfile.TarFile:
     try:
-        return tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class)
+        return tarfile.open(fileobj=file, mode=mode, tarinfo=info_class)
     except TypeError as exc:  # Python 3.11 reads a cut-short gzip header with ord(b""): damage, not a bug of ours
         raise tarfile.ReadError(f"damaged gzip header ({exc})") from None
 
@@ -268,25 +363,25 @@ def _stopped_at_damage(stop: tarfile.HeaderError | None, rest) -> bool:
     return False
 
 
-def _zip_members(uri: str, max_bytes: int):
+def _zip_members(uri: str, max_bytes: int) -> Iterator[Member]:
     fs, path = storage.filesystem(uri)
     with fs.open_input_file(path) as f, zipfile.ZipFile(f) as archive:  # ranged reads, no local copy
         for info in archive.infolist():
             if info.is_dir():
                 continue
             if not _zip_regular(info):  # a symlink (or device) saved with its Unix mode: never followed
-                yield info.filename, b"", "unsupported"
+                yield Member(info.filename, b"", "unsupported")
                 continue
             if info.file_size > max_bytes:
-                yield info.filename, b"", "too_large"
+                yield Member(info.filename, b"", "too_large")
                 continue
             try:
                 with archive.open(info) as member:
                     data = member.read(max_bytes + 1)  # a member may inflate past what it declares
             except MEMBER_ERRORS:
-                yield info.filename, b"", "read_failed"
+                yield Member(info.filename, b"", "read_failed")
                 continue
-            yield (info.filename, b"", "too_large") if len(data) > max_bytes else (info.filename, data, None)
+            yield Member(info.filename, b"", "too_large") if len(data) > max_bytes else Member(info.filename, data, None)
 
 
 def _zip_regular(info: zipfile.ZipInfo) -> bool:

@@ -87,6 +87,7 @@ def _class_folders(images: list[tuple[storage.Listed, str]], shuffle_seed: int |
             "path": [item.uri for item, _ in images],
             "source": [item.source for item, _ in images],
             "size": [item.size for item, _ in images],
+            "offset": pa.array([inputs.WHOLE] * len(images), pa.int64()),
             "bytes": pa.array([b""] * len(images), pa.binary()),
             "error": pa.nulls(len(images), pa.string()),
             "label": [label for _, label in images],
@@ -116,7 +117,7 @@ def read_shard(batch, max_bytes: int):
     (uri,) = batch["path"].to_pylist()
     rows, size, key, members = [], 0, None, {}
     try:
-        for name, data, error in inputs.archive_members(uri, max_bytes):
+        for name, data, error, *_ in inputs.archive_members(uri, max_bytes):
             match = _KEY_SUFFIX.match(name)
             member_key, suffix = match.groups() if match else (name, "")
             if member_key != key and members:

@@ -22,9 +22,11 @@ NO_DONE = np.empty(0, np.uint64)
 
 
 def archive_rows(uri: str, max_bytes: int = 64 << 20, done=NO_DONE) -> list[dict]:
+    """The rows scoring gets for an archive: its reader's blocks, with members read by reference filled in."""
     rows = []
     for block in inputs.read_archive({"path": [uri]}, max_bytes, done):
-        rows += block.to_pylist()
+        read = inputs.read_files(block.to_pydict(), max_bytes)
+        rows += [dict(zip(read, values)) for values in zip(*read.values())]
     return rows
 
 
@@ -167,6 +169,41 @@ def test_archive_is_streamed_in_bounded_blocks_and_done_members_skipped(tmp_path
     assert max(b.num_rows for b in blocks) <= inputs.BLOCK_MEMBERS and len(blocks) >= 3
     done = np.sort(inputs.path_hashes([f"{path}#{n}" for n in names[:-3]]))
     assert [r["path"] for r in archive_rows(str(path), done=done)] == [f"{path}#{n}" for n in names[-3:]]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_plain_tar_is_sent_on_as_offsets_and_read_where_it_is_decoded(tmp_path, s3, where):
+    """The reader of a plain tar sends on (offset, size) rows, no image bytes: what it holds and sends does
+    not grow with the members. `read_files` then reads each member, neighbours in one ranged read (of at most
+    SPAN_BYTES: the 17 MB member is read on its own)."""
+    rng = np.random.default_rng(3)
+    members = {f"m{i}.jpg": rng.bytes(size) for i, size in enumerate([0, 1, 700, 100_000, 3 << 20, 17 << 20, 5_000])}
+    path = tmp_path / "photos.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    uri = str(path)
+    if where == "s3":
+        s3.upload_file(uri, BUCKET, "refs/photos.tar")
+        uri = f"s3://{BUCKET}/refs/photos.tar"
+    (block,) = inputs.read_archive({"path": [uri]}, 64 << 20, NO_DONE)
+    assert block["bytes"].to_pylist() == [b""] * len(members) and min(block["offset"].to_pylist()) >= 512
+    assert block["size"].to_pylist() == [len(d) for d in members.values()]
+    read = inputs.read_files(block.to_pydict(), 64 << 20)
+    assert read["error"] == [None] * len(members)
+    assert dict(zip(read["path"], read["bytes"])) == {f"{uri}#{name}": data for name, data in members.items()}
+
+
+def test_a_compressed_tar_carries_its_members(tmp_path):
+    path = tmp_path / "photos.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("one.jpg")
+        info.size = len(JPEG)
+        tar.addfile(info, io.BytesIO(JPEG))
+    (block,) = inputs.read_archive({"path": [str(path)]}, 64 << 20, NO_DONE)
+    assert block["bytes"].to_pylist() == [JPEG] and block["offset"].to_pylist() == [inputs.WHOLE]
 
 
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
