@@ -5,13 +5,16 @@ absolute URI, lists it (hidden names skipped and counted), drops what the
 output folder holds, and de-duplicates, so overlapping or differently spelled
 inputs give one row per file. Files are read later, in Ray: an unreadable
 one becomes a row with error `read_failed`, and one larger than the size
-limit becomes `too_large` without being read. Archive members (tar, tar.gz,
-zip; local or S3) are streamed out of the archive in bounded blocks, never
-extracted and never held whole; a member's path is `ARCHIVE_URI#MEMBER`.
+limit becomes `too_large` without being read. Archives (tar, tar.gz, zip;
+local or S3) are never extracted and never held whole: a plain tar's or a zip's
+members become rows pointing into it, read where they are decoded; a gzip'd
+tar's members are streamed out in bounded blocks. A member's path is
+`ARCHIVE_URI#MEMBER`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import lzma
@@ -36,7 +39,7 @@ ROW_SCHEMA = pa.schema(
         ("path", pa.string()),
         ("source", pa.binary()),  # what to read: a file, or the archive that holds a member; b"" when `bytes` is set
         ("size", pa.int64()),
-        ("offset", pa.int64()),  # WHOLE for a file; an archive member's data offset in `source`
+        ("offset", pa.int64()),  # WHOLE for a file; a tar member's data offset in `source`, a zip member's index
         ("bytes", pa.binary()),
         ("error", pa.string()),
     ]
@@ -159,7 +162,10 @@ def read_files(batch: dict, max_bytes: int) -> dict:
             except OSError:
                 errors[i] = "read_failed"
     for source, rows in members.items():
-        _read_members(source, rows, batch, data, errors)
+        if source.lower().endswith(b".zip"):
+            _read_zip_members(source, rows, batch, data, errors, max_bytes)
+        else:
+            _read_tar_members(source, rows, batch, data, errors)
     for i, error in enumerate(errors):
         if error:
             data[i] = b""
@@ -170,8 +176,8 @@ SPAN_GAP = 64 << 10  # neighbouring members closer than this are read in one req
 SPAN_BYTES = 16 << 20  # ...of at most this many bytes
 
 
-def _read_members(source: bytes, rows: list[int], batch: dict, data: list, errors: list) -> None:
-    """Read archive members given by (offset, size) from `source`; a member cut short is `read_failed`."""
+def _read_tar_members(source: bytes, rows: list[int], batch: dict, data: list, errors: list) -> None:
+    """Read tar members given by (offset, size) from `source`; a member cut short is `read_failed`."""
     rows = sorted(rows, key=lambda i: batch["offset"][i])
     spans, span = [], [rows[0]]
     for i in rows[1:]:
@@ -206,10 +212,10 @@ def _read_members(source: bytes, rows: list[int], batch: dict, data: list, error
 def read_archive(batch: dict, max_bytes: int, done) -> object:
     """Rows for the members of one archive (a batch of one), yielded in bounded blocks.
 
-    A plain tar's members are rows that point into it (offset, size), read later by
+    The members of a plain tar or a zip are rows that point into it, read later by
     `read_files` where they are decoded: the reader holds headers, never images, so
-    what it sends on is the same for a 100 MB and a 100 GB tar. Compressed tars and
-    zips carry their members' bytes, in blocks of bounded size.
+    what it sends on is the same for a 100 MB and a 100 GB archive. A compressed tar
+    (no offsets to point at) carries its members' bytes, in blocks of bounded size.
 
     Members whose path hash is in `done` are skipped. A damaged member gets its
     own `read_failed` row and the rest is still read; damage that stops the
@@ -221,11 +227,11 @@ def read_archive(batch: dict, max_bytes: int, done) -> object:
     import ray
 
     done = ray.get(done) if isinstance(done, ray.ObjectRef) else done
-    (uri,) = batch["path"]
+    (uri,), (source,) = batch["path"], batch["source"]
     block, block_bytes = [], 0
     seen: set[int] = set()  # path hashes of this archive's members: 8 bytes of hash (~70 in a set) a member
     try:
-        for member in archive_members(uri, max_bytes, by_reference=True):
+        for member in archive_members(source, max_bytes, by_reference=True):
             path = f"{uri}#{member.name}"
             digest = path_hashes([path])
             if int(digest[0]) in seen:  # appended again (`tar -r`) or forged: one path, one row
@@ -236,22 +242,22 @@ def read_archive(batch: dict, max_bytes: int, done) -> object:
             block.append(member._replace(name=path))
             block_bytes += len(member.data)
             if len(block) >= BLOCK_MEMBERS or block_bytes >= BLOCK_BYTES:
-                yield _archive_rows(uri, block)
+                yield _archive_rows(source, block)
                 block, block_bytes = [], 0
         if not seen:
             block.append(Member(uri, b"", "empty"))
     except MEMBER_ERRORS:
         block.append(Member(uri, b"", "read_failed"))
     if block:
-        yield _archive_rows(uri, block)
+        yield _archive_rows(source, block)
 
 
-def _archive_rows(uri: str, block: list[Member]) -> pa.Table:
+def _archive_rows(source: bytes, block: list[Member]) -> pa.Table:
     by_reference = [m.offset != WHOLE for m in block]
     return pa.table(
         {
             "path": [m.name for m in block],
-            "source": [uri.encode() if ref else b"" for ref in by_reference],
+            "source": [source if ref else b"" for ref in by_reference],
             "size": [m.size if ref else len(m.data) for m, ref in zip(block, by_reference)],
             "offset": [m.offset for m in block],
             "bytes": [m.data for m in block],
@@ -267,16 +273,16 @@ class Member(NamedTuple):
     name: str
     data: bytes
     error: str | None
-    offset: int = WHOLE  # where a member read by reference starts in the archive
+    offset: int = WHOLE  # a member read by reference: its data's offset in a tar, its index in a zip's directory
     size: int = 0  # its size, when read by reference
 
 
-def archive_members(uri: str, max_bytes: int, by_reference: bool = False) -> Iterator[Member]:
-    """Each member that is not a folder, in archive order. With `by_reference`, a plain tar's
-    members come as offsets into it rather than bytes."""
-    if uri.lower().endswith(".zip"):
-        return _zip_members(uri, max_bytes)
-    return _tar_members(uri, max_bytes, by_reference)
+def archive_members(source: bytes, max_bytes: int, by_reference: bool = False) -> Iterator[Member]:
+    """Each member that is not a folder, in archive order. With `by_reference`, the members of a plain
+    tar or a zip come as offsets into it rather than bytes (a gzip'd tar has no offsets to point at)."""
+    if source.lower().endswith(b".zip"):
+        return _zip_members(source, max_bytes, by_reference)
+    return _tar_members(source, max_bytes, by_reference)
 
 
 def _member_name(raw_name: str) -> str:
@@ -288,10 +294,10 @@ class ArchiveCutShort(tarfile.TarError):
     """A tar whose member headers stopped at damage, not at its end-of-archive marker."""
 
 
-def _tar_members(uri: str, max_bytes: int, by_reference: bool) -> Iterator[Member]:
+def _tar_members(source: bytes, max_bytes: int, by_reference: bool) -> Iterator[Member]:
     info_class = _recording_tarinfo()
     # Seekable, with a read-ahead that serves the headers of small members from one request.
-    with storage.open_random(uri.encode(), TAR_READ_AHEAD) as file:
+    with storage.open_random(source, TAR_READ_AHEAD) as file:
         plain = by_reference and not file.peek(8).startswith(COMPRESSED_MAGIC)
         end = file.seek(0, io.SEEK_END) if plain else None
         file.seek(0)
@@ -316,7 +322,7 @@ def _tar_members(uri: str, max_bytes: int, by_reference: bool) -> Iterator[Membe
                         yield Member(name, b"", "read_failed")
                         return
             if _stopped_at_damage(info_class.stop, tar.fileobj):
-                raise ArchiveCutShort(f"{uri}: a damaged header ends the members that could be read")
+                raise ArchiveCutShort(f"{storage.display_path(source)}: a damaged header ends the members that could be read")
 
 
 def _open_tar(file, mode: str, info_class: type[tarfile.TarInfo]) -> tarfile.TarFile:
@@ -363,25 +369,46 @@ def _stopped_at_damage(stop: tarfile.HeaderError | None, rest) -> bool:
     return False
 
 
-def _zip_members(uri: str, max_bytes: int) -> Iterator[Member]:
-    fs, path = storage.filesystem(uri)
-    with fs.open_input_file(path) as f, zipfile.ZipFile(f) as archive:  # ranged reads, no local copy
-        for info in archive.infolist():
+def _zip_members(source: bytes, max_bytes: int, by_reference: bool) -> Iterator[Member]:
+    with storage.open_random(source) as file, zipfile.ZipFile(file) as archive:  # ranged reads, no local copy
+        for index, info in enumerate(archive.infolist()):
             if info.is_dir():
                 continue
             if not _zip_regular(info):  # a symlink (or device) saved with its Unix mode: never followed
                 yield Member(info.filename, b"", "unsupported")
-                continue
-            if info.file_size > max_bytes:
+            elif info.file_size > max_bytes:
                 yield Member(info.filename, b"", "too_large")
-                continue
-            try:
-                with archive.open(info) as member:
-                    data = member.read(max_bytes + 1)  # a member may inflate past what it declares
-            except MEMBER_ERRORS:
-                yield Member(info.filename, b"", "read_failed")
-                continue
-            yield Member(info.filename, b"", "too_large") if len(data) > max_bytes else Member(info.filename, data, None)
+            elif by_reference:
+                yield Member(info.filename, b"", None, index, info.file_size)
+            else:
+                yield Member(info.filename, *_read_zip_member(archive, info, max_bytes))
+
+
+def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> tuple[bytes, str | None]:
+    try:
+        with archive.open(info) as member:
+            data = member.read(max_bytes + 1)  # a member may inflate past what it declares
+    except MEMBER_ERRORS:
+        return b"", "read_failed"
+    return (b"", "too_large") if len(data) > max_bytes else (data, None)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_zip(source: bytes, version: tuple) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    """A zip opened once per process and version for the batches of its members that the process is sent:
+    a central directory of 100,000 members is megabytes."""
+    archive = zipfile.ZipFile(storage.open_random(source))
+    return archive, archive.infolist()
+
+
+def _read_zip_members(source: bytes, rows: list[int], batch: dict, data: list, errors: list, max_bytes: int) -> None:
+    try:
+        archive, members = _open_zip(source, storage.version(source))
+    except MEMBER_ERRORS:
+        archive, members = None, []
+    for i in rows:
+        index = int(batch["offset"][i])
+        data[i], errors[i] = _read_zip_member(archive, members[index], max_bytes) if index < len(members) else (b"", "read_failed")
 
 
 def _zip_regular(info: zipfile.ZipInfo) -> bool:

@@ -327,9 +327,9 @@ def _pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.
     if files.num_rows:
         parts.append(ray.data.from_arrow(_file_blocks(files, config)))
     # An archive with a row of its own (`empty`) is done; one whose read failed had that row retired.
-    archives = [a.uri for a in found.archives if not inputs.done_mask(done, inputs.path_hashes([a.uri]))[0]]
+    archives = [a for a in found.archives if not inputs.done_mask(done, inputs.path_hashes([a.uri]))[0]]
     if archives:
-        listed = ray.data.from_items([{"path": a} for a in archives], override_num_blocks=len(archives))
+        listed = ray.data.from_items([{"path": a.uri, "source": a.source} for a in archives], override_num_blocks=len(archives))
         done_ref = ray.put(done)  # one shared copy in the object store, not one per task
         parts.append(
             listed.map_batches(

@@ -117,7 +117,7 @@ def read_shard(batch, max_bytes: int):
     (uri,) = batch["path"].to_pylist()
     rows, size, key, members = [], 0, None, {}
     try:
-        for name, data, error, *_ in inputs.archive_members(uri, max_bytes):
+        for name, data, error, *_ in inputs.archive_members(uri.encode(), max_bytes):
             match = _KEY_SUFFIX.match(name)
             member_key, suffix = match.groups() if match else (name, "")
             if member_key != key and members:

@@ -242,6 +242,16 @@ def open_random(source: bytes, buffer_bytes: int = -1):
     return open(source, "rb", buffering=buffer_bytes)
 
 
+def version(source: bytes) -> tuple[int, float]:
+    """(size, modification time) of a `Listed.source`: tells a file rewritten in place from the one read before."""
+    if source.startswith(b"s3://"):
+        fs, path = filesystem(source.decode())
+        info = fs.get_file_info(path)
+        return info.size, info.mtime.timestamp() if info.mtime else 0.0
+    stat_result = os.stat(source)
+    return stat_result.st_size, stat_result.st_mtime_ns
+
+
 def list_dir(uri: str, recursive: bool = False) -> list[pafs.FileInfo]:
     """Entries under a folder or prefix, hidden names (leading '.') skipped."""
     fs, path = filesystem(uri)

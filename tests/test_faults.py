@@ -35,7 +35,7 @@ NO_DONE = np.empty(0, np.uint64)
 def archive_rows(uri: str, max_bytes: int = 64 << 20) -> list[dict]:
     """The rows scoring gets for an archive: its reader's blocks, with members read by reference filled in."""
     rows = []
-    for block in inputs.read_archive({"path": [uri]}, max_bytes, NO_DONE):
+    for block in inputs.read_archive({"path": [uri], "source": [uri.encode()]}, max_bytes, NO_DONE):
         read = inputs.read_files(block.to_pydict(), max_bytes)
         rows += [dict(zip(read, values)) for values in zip(*read.values())]
     return rows
@@ -209,7 +209,7 @@ def test_archive_of_100000_empty_members(tmp_path, kind):
                 archive.writestr(f"e{i:06d}.jpg", b"")
     started = time.monotonic()
     rows, blocks, alive = [], 0, None
-    for block in inputs.read_archive({"path": [str(path)]}, 64 << 20, NO_DONE):
+    for block in inputs.read_archive({"path": [str(path)], "source": [str(path).encode()]}, 64 << 20, NO_DONE):
         assert block.num_rows <= inputs.BLOCK_MEMBERS and set(block["bytes"].to_pylist()) == {b""}
         rows += block["path"].to_pylist()
         blocks += 1

@@ -24,7 +24,7 @@ NO_DONE = np.empty(0, np.uint64)
 def archive_rows(uri: str, max_bytes: int = 64 << 20, done=NO_DONE) -> list[dict]:
     """The rows scoring gets for an archive: its reader's blocks, with members read by reference filled in."""
     rows = []
-    for block in inputs.read_archive({"path": [uri]}, max_bytes, done):
+    for block in inputs.read_archive({"path": [uri], "source": [uri.encode()]}, max_bytes, done):
         read = inputs.read_files(block.to_pydict(), max_bytes)
         rows += [dict(zip(read, values)) for values in zip(*read.values())]
     return rows
@@ -165,7 +165,7 @@ def test_archive_is_streamed_in_bounded_blocks_and_done_members_skipped(tmp_path
             info = tarfile.TarInfo(name)
             info.size = len(JPEG)
             tar.addfile(info, io.BytesIO(JPEG))
-    blocks = list(inputs.read_archive({"path": [str(path)]}, 64 << 20, NO_DONE))
+    blocks = list(inputs.read_archive({"path": [str(path)], "source": [str(path).encode()]}, 64 << 20, NO_DONE))
     assert max(b.num_rows for b in blocks) <= inputs.BLOCK_MEMBERS and len(blocks) >= 3
     done = np.sort(inputs.path_hashes([f"{path}#{n}" for n in names[:-3]]))
     assert [r["path"] for r in archive_rows(str(path), done=done)] == [f"{path}#{n}" for n in names[-3:]]
@@ -188,7 +188,7 @@ def test_a_plain_tar_is_sent_on_as_offsets_and_read_where_it_is_decoded(tmp_path
     if where == "s3":
         s3.upload_file(uri, BUCKET, "refs/photos.tar")
         uri = f"s3://{BUCKET}/refs/photos.tar"
-    (block,) = inputs.read_archive({"path": [uri]}, 64 << 20, NO_DONE)
+    (block,) = inputs.read_archive({"path": [uri], "source": [uri.encode()]}, 64 << 20, NO_DONE)
     assert block["bytes"].to_pylist() == [b""] * len(members) and min(block["offset"].to_pylist()) >= 512
     assert block["size"].to_pylist() == [len(d) for d in members.values()]
     read = inputs.read_files(block.to_pydict(), 64 << 20)
@@ -202,7 +202,7 @@ def test_a_compressed_tar_carries_its_members(tmp_path):
         info = tarfile.TarInfo("one.jpg")
         info.size = len(JPEG)
         tar.addfile(info, io.BytesIO(JPEG))
-    (block,) = inputs.read_archive({"path": [str(path)]}, 64 << 20, NO_DONE)
+    (block,) = inputs.read_archive({"path": [str(path)], "source": [str(path).encode()]}, 64 << 20, NO_DONE)
     assert block["bytes"].to_pylist() == [JPEG] and block["offset"].to_pylist() == [inputs.WHOLE]
 
 
