@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from happysad import console, score, sources, storage
+from happysad import console, inputs, score, sources, storage
 from happysad.storage import UsageError
 
 EPSILON = 1e-7  # Keras's clip for log loss: a score of exactly 0 or 1 costs a large, finite loss
@@ -196,6 +196,7 @@ def _as_score_rows(batch: pa.Table) -> pa.Table:
         {
             "path": batch["path"], "bytes": batch["bytes"], "error": batch["error"].cast(pa.string()),
             "source": pa.array([b""] * n, pa.binary()), "size": pa.array([0] * n, pa.int64()),
+            "offset": pa.array([inputs.WHOLE] * n, pa.int64()),
             "true_label": batch["label"].cast(pa.string()),
         }
     )
