@@ -127,7 +127,7 @@ def test_both_placements_keep_true_label(labelled_set, run_dir):
     paths = sorted(labelled_set.glob("*/*.*"))[:6]
     batch = {
         "path": [str(p) for p in paths], "bytes": [p.read_bytes() for p in paths], "error": [None] * 6,
-        "source": [b""] * 6, "size": [0] * 6, "true_label": [p.parent.name for p in paths],
+        "source": [b""] * 6, "size": [0] * 6, "offset": [-1] * 6, "true_label": [p.parent.name for p in paths],
     }
     replica = LabelledReplica(open_model(str(run_dir)), batch_size=4, max_bytes=1 << 20)
     on_cpu = replica(dict(batch)).to_pylist()
