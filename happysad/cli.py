@@ -35,6 +35,10 @@ def _add_train(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint under --output")
+    p.add_argument(
+        "--max-failures", type=int, default=3,
+        help="times a lost worker group is restarted (or a start that cannot be placed is retried) before the run fails",
+    )
     p.add_argument("--allow-one-class", action="store_true", help="train even if the data has only happy or only sad images")
     p.add_argument(
         "--cache", choices=("auto", "memory", "none"), default="auto",

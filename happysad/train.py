@@ -70,6 +70,7 @@ class TrainConfig:
         checks = {
             "--workers": self.workers >= 1,
             "--epochs": self.epochs >= 1,
+            "--max-failures": self.max_failures >= 0,
             "--batch-size": self.batch_size >= self.workers,
             "--learning-rate": self.learning_rate > 0,
             "--seed": 0 <= self.seed < 2**32,  # what TF's and numpy's seeding accept
@@ -369,7 +370,7 @@ def _check_resume(output: str, record: dict) -> None:
             flag = "--" + field.replace("_", "-")
             raise UsageError(
                 f"{flag}: this resume says {_shown(record[field])}, the run used {_shown(recorded.get(field))}; "
-                "a resume may only raise --epochs and change --gpu, --one-per-node or --allow-one-class"
+                "a resume may only raise --epochs and change --gpu, --one-per-node, --max-failures or --allow-one-class"
             )
     if record["epochs"] < recorded["epochs"]:  # the checkpoint may already hold more epochs than asked for
         raise UsageError(

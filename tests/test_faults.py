@@ -717,7 +717,7 @@ def test_training_that_cannot_continue_fails_clearly_and_resume_completes_it(ray
     output, log_path = tmp_path / "run", tmp_path / "train.log"
     args = ["train", "--data", str(tiny_folders), "--output", str(output), "--workers", "2", "--epochs", "2", "--batch-size", "8"]
     with joined_node(ray_session, cpus=2, name="node_b") as node_b:
-        job = start_training([*args, "--one-per-node"], log_path)
+        job = start_training([*args, "--one-per-node", "--max-failures", "1"], log_path)
         try:
             wait_for_registered_checkpoint(output, job, log_path)
             kill_raylet(node_b)

@@ -59,6 +59,7 @@ def test_model_is_the_seed_cnn():
         (["--workers", "3", "--batch-size", "8"], "--batch-size 8 is not a multiple of --workers 3"),
         (["--output", "s3://some-bucket/"], "--output s3://some-bucket/"),
         (["--cache", "disk"], "--cache"),
+        (["--max-failures", "-1"], "--max-failures -1"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, named):
