@@ -189,7 +189,7 @@ def _read_tar_members(source: bytes, rows: list[int], batch: dict, data: list, e
             span = [i]
     spans.append(span)
     try:
-        archive = storage.open_random(source)
+        archive = storage.open_source(source)
     except OSError:
         for i in rows:
             errors[i] = "read_failed"
@@ -297,7 +297,7 @@ class ArchiveCutShort(tarfile.TarError):
 def _tar_members(source: bytes, max_bytes: int, by_reference: bool) -> Iterator[Member]:
     info_class = _recording_tarinfo()
     # Seekable, with a read-ahead that serves the headers of small members from one request.
-    with storage.open_random(source, TAR_READ_AHEAD) as file:
+    with storage.open_source(source, TAR_READ_AHEAD) as file:
         plain = by_reference and not file.peek(8).startswith(COMPRESSED_MAGIC)
         end = file.seek(0, io.SEEK_END) if plain else None
         file.seek(0)
@@ -370,7 +370,7 @@ def _stopped_at_damage(stop: tarfile.HeaderError | None, rest) -> bool:
 
 
 def _zip_members(source: bytes, max_bytes: int, by_reference: bool) -> Iterator[Member]:
-    with storage.open_random(source) as file, zipfile.ZipFile(file) as archive:  # ranged reads, no local copy
+    with storage.open_source(source) as file, zipfile.ZipFile(file) as archive:  # ranged reads, no local copy
         for index, info in enumerate(archive.infolist()):
             if info.is_dir():
                 continue
@@ -397,7 +397,7 @@ def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes:
 def _open_zip(source: bytes, version: tuple) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
     """A zip opened once per process and version for the batches of its members that the process is sent:
     a central directory of 100,000 members is megabytes."""
-    archive = zipfile.ZipFile(storage.open_random(source))
+    archive = zipfile.ZipFile(storage.open_source(source))
     return archive, archive.infolist()
 
 

@@ -18,6 +18,7 @@ import os
 import posixpath
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -224,22 +225,64 @@ def _list_s3(uri: str) -> tuple[list[Listed], int]:
     return files, hidden
 
 
-def open_source(source: bytes):
-    """A readable binary stream for a `Listed.source`."""
+def open_source(source: bytes, buffer_bytes: int = io.DEFAULT_BUFFER_SIZE):
+    """A seekable binary file for a `Listed.source`: a local path's raw bytes or an s3:// URI. On S3 each
+    read is a ranged GET; `buffer_bytes` of read-ahead serve many small reads (headers) from one request."""
     if source.startswith(b"s3://"):
         fs, path = filesystem(source.decode())
-        return fs.open_input_stream(path)
-    return open(source, "rb")
-
-
-def open_random(source: bytes, buffer_bytes: int = -1):
-    """A seekable binary file for a `Listed.source`; on S3 each read is a ranged GET. A `buffer_bytes`
-    read-ahead serves many small reads (tar headers) from one request."""
-    if source.startswith(b"s3://"):
-        fs, path = filesystem(source.decode())
-        raw = fs.open_input_file(path)
-        return io.BufferedReader(raw, buffer_bytes) if buffer_bytes > 0 else raw
+        return io.BufferedReader(_S3File(fs.open_input_file(path)), buffer_bytes)
     return open(source, "rb", buffering=buffer_bytes)
+
+
+# The AWS SDK files an error answer (503 SlowDown, 500) to a read smaller than that answer's XML body as a
+# final INTERNAL_FAILURE and never retries it (apache/doris#66557 traces why); such a read is tried again here.
+_MISFILED = "Failed to flush response stream"
+
+
+class _S3File(io.RawIOBase):
+    """pyarrow's S3 file as a seekable raw file whose reads are retried as every other S3 request is."""
+
+    def __init__(self, file):
+        self._file, self._size, self._position = file, file.size(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        position = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence] + offset
+        if position < 0:
+            raise ValueError(f"negative seek position {position}")
+        self._position = position
+        return position
+
+    def readinto(self, buffer) -> int:
+        if self._position >= self._size:
+            return 0
+        data = self._read_at(min(len(buffer), self._size - self._position), self._position)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def _read_at(self, size: int, position: int) -> bytes:
+        for attempt in range(1, S3_MAX_ATTEMPTS + 1):
+            try:
+                return self._file.read_at(size, position)
+            except OSError as exc:
+                if _MISFILED not in str(exc) or attempt == S3_MAX_ATTEMPTS:
+                    raise
+                time.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
 
 
 def version(source: bytes) -> tuple[int, float]:
@@ -264,8 +307,7 @@ def _hidden(relative: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as stream:
+    with open_source(uri.encode() if is_s3(uri) else local_source(uri)) as stream:
         return stream.read()
 
 
