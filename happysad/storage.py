@@ -269,6 +269,11 @@ class _S3File(io.RawIOBase):
         self._position += len(data)
         return len(data)
 
+    def readall(self) -> bytes:  # one request for the rest, not RawIOBase's loop of 8 KB reads
+        data = self._read_at(self._size - self._position, self._position) if self._position < self._size else b""
+        self._position += len(data)
+        return data
+
     def _read_at(self, size: int, position: int) -> bytes:
         for attempt in range(1, S3_MAX_ATTEMPTS + 1):
             try:
