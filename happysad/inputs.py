@@ -178,16 +178,7 @@ SPAN_BYTES = 16 << 20  # ...of at most this many bytes
 
 def _read_tar_members(source: bytes, rows: list[int], batch: dict, data: list, errors: list) -> None:
     """Read tar members given by (offset, size) from `source`; a member cut short is `read_failed`."""
-    rows = sorted(rows, key=lambda i: batch["offset"][i])
-    spans, span = [], [rows[0]]
-    for i in rows[1:]:
-        start, end = batch["offset"][span[0]], batch["offset"][i] + batch["size"][i]
-        if batch["offset"][i] - (batch["offset"][span[-1]] + batch["size"][span[-1]]) <= SPAN_GAP and end - start <= SPAN_BYTES:
-            span.append(i)
-        else:
-            spans.append(span)
-            span = [i]
-    spans.append(span)
+    spans = _spans(sorted(rows, key=lambda i: batch["offset"][i]), batch["offset"], batch["size"])
     try:
         archive = storage.open_source(source)
     except OSError:
@@ -207,6 +198,19 @@ def _read_tar_members(source: bytes, rows: list[int], batch: dict, data: list, e
                 at = batch["offset"][i] - start
                 data[i] = chunk[at : at + batch["size"][i]]
                 errors[i] = None if len(data[i]) == batch["size"][i] else "read_failed"  # the archive ends inside it
+
+
+def _spans(rows: list[int], offsets, sizes) -> list[list[int]]:
+    """Rows sorted by offset, grouped into runs that one ranged read covers (SPAN_GAP, SPAN_BYTES)."""
+    spans = [[rows[0]]]
+    for i in rows[1:]:
+        span = spans[-1]
+        gap = offsets[i] - (offsets[span[-1]] + sizes[span[-1]])
+        if gap <= SPAN_GAP and offsets[i] + sizes[i] - offsets[span[0]] <= SPAN_BYTES:
+            span.append(i)
+        else:
+            spans.append([i])
+    return spans
 
 
 def read_archive(batch: dict, max_bytes: int, done) -> object:
