@@ -183,12 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _run(args)
     except UsageError as exc:
-        print(f"happysad {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _failed(args.command, exc, 2)
     except JobFailed as exc:
-        print(f"happysad {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _failed(args.command, exc, 1)
     return 0
+
+
+def _failed(command: str, exc: Exception, code: int) -> int:
+    """Print the job's one error line, last: after the lines Ray relays from its processes (a dying node's)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()  # stops the relay; anything Ray still had to say came before this
+    print(f"happysad {command}: error: {exc}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

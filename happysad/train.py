@@ -130,18 +130,6 @@ def decode_split(batch: dict, split: str, conflicts: list[str], seed: int, val_f
     return select_split(decode_for_training(batch, seed, val_fraction, test_fraction, only=split), split, conflicts)
 
 
-def conflicting_hashes(decoded) -> set[str]:
-    """Hashes of usable files found under both labels: byte-identical copies that contradict each other."""
-    from ray.data.aggregate import Max, Min
-
-    from ray.data.expressions import col
-
-    usable = decoded.select_columns(["hash", "label", "error"]).filter(expr=col("error") == "")
-    # Ray's default of 200 shuffle partitions is for big data: one per block keeps small runs quick.
-    by_hash = usable.groupby("hash", num_partitions=max(1, decoded.num_blocks())).aggregate(Min("label"), Max("label"))
-    return {row["hash"] for row in by_hash.iter_rows() if row["min(label)"] != row["max(label)"]}
-
-
 def select_split(batch: dict, split: str, conflicts: list[str]) -> pa.Table:
     """The usable rows of one split, each with weight 1.
 
@@ -181,19 +169,28 @@ def pad_to_multiple(ds, real: int, workers: int):
     return ds.union(repeated.limit(extra).map_batches(zero_weight, batch_format="numpy").materialize())
 
 
-def count_rows(decoded, conflicts: set[str]) -> tuple[Counter, Counter]:
-    """(usable rows per (split, class), unusable rows per reason)."""
-    counts, skipped = Counter(), Counter()
-    columns = ["label", "split", "hash", "error"]
-    for batch in decoded.select_columns(columns).iter_batches(batch_format="numpy", batch_size=4096):
-        for label, split, digest, error in zip(*(batch[c] for c in columns)):
-            if error:
-                skipped[error] += 1
-            elif digest in conflicts:
-                skipped["conflicting_label"] += 1
-            else:
-                counts[(split, sources.CLASSES[label])] += 1
-    return counts, skipped
+def count_rows(index) -> tuple[Counter, Counter, set[str]]:
+    """(usable rows per (split, class), unusable rows per reason, conflicting hashes), in one pass over the index.
+
+    A conflict is a file found under both labels (byte-identical copies that contradict each
+    other): every copy is skipped as `conflicting_label`. The driver keeps 34 bytes per
+    usable row (hash, label, split): 34 MB for a million images.
+    """
+    skipped = Counter()
+    hashes, labels, splits = [np.array([], "S32")], [np.array([], np.int8)], [np.array([], np.int8)]
+    for batch in index.select_columns(["label", "split", "hash", "error"]).iter_batches(batch_format="numpy", batch_size=65536):
+        ok = batch["error"] == ""
+        skipped.update(batch["error"][~ok].tolist())
+        hashes.append(batch["hash"][ok].astype("S32"))
+        labels.append(batch["label"][ok].astype(np.int8))
+        splits.append(np.select([batch["split"][ok] == name for name in SPLITS], range(len(SPLITS)), -1).astype(np.int8))
+    hashes, labels, splits = np.concatenate(hashes), np.concatenate(labels), np.concatenate(splits)
+    conflicts = np.intersect1d(hashes[labels == 0], hashes[labels == 1])
+    clear = ~np.isin(hashes, conflicts)
+    skipped["conflicting_label"] += int(np.sum(~clear))
+    per_key = np.bincount(splits[clear] * 2 + labels[clear], minlength=len(SPLITS) * 2)
+    counts = Counter({(split, label): int(per_key[i * 2 + j]) for i, split in enumerate(SPLITS) for j, label in enumerate(sources.CLASSES)})
+    return counts, +skipped, {h.decode() for h in conflicts.tolist()}
 
 
 @dataclass(frozen=True)
@@ -217,8 +214,7 @@ def prepare_datasets(config: TrainConfig, uris: list[str]) -> Prepared:
         # The index keeps the decoded images only when they are the cache; streamed, it is a few bytes a row.
         index = labelled.map_batches(decode_for_training, fn_kwargs=split_args | {"keep_images": memory}, batch_size=32)
         index = index.materialize()
-        conflicts = conflicting_hashes(index)
-        counts, skipped = count_rows(index, conflicts)
+        counts, skipped, conflicts = count_rows(index)
         skipped.update(listing_skipped)
         count_table = {s: {c: counts[(s, c)] for c in sources.CLASSES} for s in SPLITS}
         _check_counts(config, uris, count_table, skipped)

@@ -104,6 +104,9 @@ def ray_head(s3_server):
     port, dashboard_port = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    # A node is declared dead after 3 failed health checks 1 s apart (Ray's default: 5, 3 s apart): the tests
+    # that kill a raylet wait for that twice (the job's recovery, and the node's stop).
+    env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
     head = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
