@@ -362,36 +362,54 @@ def _summary_line(result: dict, output: str) -> str:
 # --- a training run's page ---------------------------------------------------------------------
 
 
-def _test_split(batch: pa.Table, seed: int, val_fraction: float, test_fraction: float) -> pa.Table:
-    """The readable rows that training's content-hash split put in test."""
-    from happysad.split import split_of
+def training_predictions(output: str, model: score.Model) -> pa.Table:
+    """The test rows every Train worker scored, as `predict` gives them, sorted by path.
 
-    keep = [
-        not error and split_of(data, seed, val_fraction, test_fraction) == "test"
-        for data, error in zip(batch["bytes"].to_pylist(), batch["error"].cast(pa.string()).to_pylist())
-    ]
-    return batch.filter(pa.array(keep, pa.bool_()))
+    Written to test_predictions.parquet in the run directory; the workers' own files are removed.
+    """
+    from happysad import report
+
+    fs, parts = storage.filesystem(storage.join(output, report.WORKER_PREDICTIONS))
+    try:
+        rows = pq.read_table(parts, filesystem=fs, schema=WORKER_PREDICTIONS)
+    except FileNotFoundError:  # no test split: no worker wrote any
+        rows = WORKER_PREDICTIONS.empty_table()
+    scores = rows["score"].to_numpy()
+    table = pa.table(
+        {
+            "path": rows["path"], "score": rows["score"],
+            "label": pa.array(np.where(scores >= model.threshold, "sad", "happy"), pa.string()),  # score's rule
+            "error": pa.nulls(rows.num_rows, pa.string()), "model": pa.array([model.id] * rows.num_rows, pa.string()),
+            "true_label": rows["true_label"],
+        }
+    ).sort_by("path")
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(storage.join(output, report.TEST_PREDICTIONS), buffer.getvalue())
+    if fs.get_file_info(parts).type == pafs.FileType.Directory:
+        fs.delete_dir(parts)
+    return table
+
+
+WORKER_PREDICTIONS = pa.schema([("path", pa.string()), ("score", pa.float32()), ("true_label", pa.string())])
 
 
 def run_page(output: str, metrics: dict, history: list[dict]) -> bytes:
-    """report.html of a training run: its test split scored again by the saved model, plus the run's history."""
+    """report.html of a training run: its test split as the trained model scored it, plus the run's history."""
     from happysad import synth
 
     config = metrics["config"]
     uris = list(config["data"]) or [str(synth.demo_data())]
-    labelled, _ = sources.labelled_images(uris)
-    split = {k: config[k] for k in ("seed", "val_fraction", "test_fraction")}
-    test = labelled.map_batches(_test_split, fn_kwargs=split, batch_format="pyarrow")
     model = score.open_model(storage.join(output, "model.keras"))
-    scoring = score.ScoreConfig(inputs=tuple(uris), output=output, batch_size=32, gpu=bool(config.get("gpu")))
-    table = predict(test, model, scoring)
+    table = training_predictions(output, model)
     result = evaluation(table, model.threshold, {})
+    labelled, _ = sources.labelled_images(uris)  # read only for thumbnails of shard members
     info = {"data": uris, "config": config, "versions": versions(), "threshold": metrics.get("threshold"), "val": metrics.get("val")}
     subtitle = (
         f"Run {output}: {metrics.get('epochs', len(history))} epochs. Below, the test split ({result['n']} images) "
-        f"scored again by the saved model at its threshold {model.threshold:.3f}."
+        f"as the trained model scored it, at its threshold {model.threshold:.3f}."
     )
     return page_for(
-        "Training run report", table, result, test, model,
+        "Training run report", table, result, labelled, model,
         counts=metrics["counts"], skipped=metrics["skipped"], info=info, history=history, subtitle=subtitle,
     )

@@ -247,9 +247,9 @@ def _history_png(history: list[dict]) -> bytes:
 def training_page(output: str, metrics: dict, history: list[dict]) -> bytes:
     """report.html for a run directory already holding model.keras and model.json.
 
-    The per-image rows it needs (curves, worst errors) exist only inside the Ray Train
-    workers, so the driver scores the test split again with the saved model: the same
-    read, the same content-hash split, the same replicas as `evaluate`.
+    The per-image rows it needs (curves, worst errors) are the test split as the Train
+    workers scored it with the trained model (test_predictions.parquet): the driver never
+    reads the data set again.
     """
     from happysad import evaluate
 

@@ -1,4 +1,5 @@
-"""The run directory's files: model.keras, model.json, metrics.json, history.csv, curves.png, tensorboard/.
+"""The run directory's files: model.keras, model.json, metrics.json, history.csv, curves.png, tensorboard/,
+test_predictions.parquet and report.html.
 
 A metric that is undefined (no rows, or one class only) is None here, null in
 JSON, an empty cell in history.csv, absent from curves and TensorBoard, and
@@ -22,6 +23,8 @@ METRICS = ("loss", "accuracy", "precision", "recall", "auc")
 # Fixed event file names: a resumed run replaces its files instead of adding a second copy of every scalar.
 TENSORBOARD_FILES = {"train": "train/events.out.tfevents.happysad", "val": "val/events.out.tfevents.happysad"}
 DEFAULT_THRESHOLD = 0.5  # kept when validation cannot choose one
+TEST_PREDICTIONS = "test_predictions.parquet"  # the test split as the trained model scored it: the report's rows
+WORKER_PREDICTIONS = ".test-predictions"  # each Train worker's part of them, merged by the driver, then removed
 
 
 def defined_metrics(values: dict, split: str, happy: int, sad: int, predicted_sad: float) -> dict:
@@ -148,5 +151,5 @@ def write_run(
         storage.write_bytes(storage.join(output, "tensorboard", name), data)
     from happysad import page  # Ray and Keras in the driver only: workers import this module too
 
-    # Last: the page scores the test split with the model.keras and model.json written above.
+    # Last: the page is made of the workers' test predictions, at the threshold in model.json written above.
     storage.write_bytes(storage.join(output, "report.html"), page.training_page(output, metrics, history))

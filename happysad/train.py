@@ -121,7 +121,7 @@ def decode_for_training(
         if label not in sources.CLASSES:
             errors[i] = errors[i] or "no_label"
     labels = [sources.CLASSES.index(x) if x in sources.CLASSES else -1 for x in batch["label"]]
-    rows = {"label": np.array(labels, np.int8), "split": splits, "hash": hashes, "error": errors}
+    rows = {"path": np.asarray(batch["path"]), "label": np.array(labels, np.int8), "split": splits, "hash": hashes, "error": errors}
     return rows | {"image": images} if keep_images else rows
 
 
@@ -131,7 +131,7 @@ def decode_split(batch: dict, split: str, conflicts: list[str], seed: int, val_f
 
 
 def select_split(batch: dict, split: str, conflicts: list[str]) -> pa.Table:
-    """The usable rows of one split, each with weight 1.
+    """The usable rows of one split, each with weight 1 (and its path: the test split's are the report's rows).
 
     A table, not a dict of arrays: Ray cannot type a 0-row image array (a batch
     with no row of this split) and would store the column as pickled objects.
@@ -140,7 +140,8 @@ def select_split(batch: dict, split: str, conflicts: list[str]) -> pa.Table:
 
     keep = (np.asarray(batch["split"]) == split) & (np.asarray(batch["error"]) == "") & ~np.isin(batch["hash"], conflicts)
     image = ArrowTensorArray.from_numpy(np.asarray(batch["image"])[keep])
-    return pa.table({"image": image, "label": np.asarray(batch["label"])[keep], "weight": np.ones(int(keep.sum()), np.float32)})
+    columns = {"path": pa.array(np.asarray(batch["path"])[keep].tolist(), pa.string()), "image": image}
+    return pa.table(columns | {"label": np.asarray(batch["label"])[keep], "weight": np.ones(int(keep.sum()), np.float32)})
 
 
 def zero_weight(batch: dict) -> dict:
@@ -453,7 +454,7 @@ def run(config: TrainConfig) -> dict:
     log.info("data: %s; skipped: %s", data.counts, data.skipped or "none")
     # Recorded before the first checkpoint: a later --resume is checked against it.
     storage.write_bytes(storage.join(output, "config.json"), json.dumps(record, indent=2).encode())
-    loop_config = {"config": config, "rows": data.rows, "counts": data.counts}
+    loop_config = {"config": config, "rows": data.rows, "counts": data.counts, "output": output}
     returned = _fit(_trainer(config, output, data.datasets, loop_config), output)
     metrics = {
         "val": returned["val"],

@@ -33,6 +33,7 @@ import numpy as np
 IMAGE_SHAPE = (256, 256, 3)
 SHUFFLE_ROWS = 256  # per-worker shuffle buffer of the train split: ~50 MB of decoded images
 PREFETCH_BATCHES = 2  # batches made ready while a step runs
+PREDICT_BATCH = 64  # test rows per model call when the trained model scores them for the report
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -143,6 +144,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         test_metrics = _metrics(keras, "test", state["threshold"]["value"])
     test = evaluate("test", eval_step_for(test_metrics), test_metrics) | {"threshold": state["threshold"]["value"]}
     hashes = _replica_weight_hashes(model, strategy)
+    trained = _inference_model(model)
+    if rows["test"]:  # every rank or none: each reads its part of the test split once more
+        _write_test_predictions(trained, ray.train.get_dataset_shard("test"), loop_config["output"], rank)
     if rank != 0:
         return None
     from happysad.report import tensorboard_files  # here, where TF is loaded already: the driver never imports it
@@ -152,7 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         "val": state["val"],
         "test": test,
         "threshold": state["threshold"],
-        "model": _inference_model_bytes(model),
+        "model": _model_bytes(trained),
         "tensorboard": tensorboard_files(state["history"]),
         "replica_weight_hashes": hashes,
     }
@@ -348,8 +352,8 @@ def _report(model, state: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _inference_model_bytes(model) -> bytes:
-    """model.keras for serving: the trained weights in a fresh, uncompiled model.
+def _inference_model(model):
+    """The trained weights in a fresh, uncompiled model: what model.keras holds, outside the strategy.
 
     Keras 3 has no `include_optimizer=False`: saving the training model would
     carry Adam's two moments (~44 MB instead of ~15). Checkpoints keep them for --resume.
@@ -358,10 +362,47 @@ def _inference_model_bytes(model) -> bytes:
 
     bare = build_model()
     bare.set_weights(model.get_weights())
+    return bare
+
+
+def _model_bytes(model) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        bare.save(os.path.join(tmp, "model.keras"))
+        model.save(os.path.join(tmp, "model.keras"))
         with open(os.path.join(tmp, "model.keras"), "rb") as f:
             return f.read()
+
+
+def _write_test_predictions(model, shard, output: str, rank: int) -> None:
+    """This worker's test rows (path, score, true_label), scored by the trained model, as one Parquet file.
+
+    The run's report is made of them (`evaluate.training_predictions` gathers every
+    worker's file): the driver never reads the data set again. Padding rows weigh 0
+    and are left out.
+    """
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from happysad import report, sources, storage
+
+    paths, scores, labels = [], [], []
+    for block in shard.iter_batches(batch_size=PREDICT_BATCH, batch_format="numpy"):
+        real = block["weight"] > 0
+        if real.any():
+            scores.append(np.asarray(model(block["image"][real], training=False), np.float32).reshape(-1))
+            paths += block["path"][real].tolist()
+            labels += [sources.CLASSES[label] for label in block["label"][real]]
+    table = pa.table(
+        {
+            "path": pa.array(paths, pa.string()),
+            "score": pa.array(np.concatenate(scores) if scores else np.array([], np.float32)),
+            "true_label": pa.array(labels, pa.string()),
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(storage.join(output, report.WORKER_PREDICTIONS, f"rank-{rank}.parquet"), buffer.getvalue())
 
 
 def _replica_weight_hashes(model, strategy) -> list[int]:

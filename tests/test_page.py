@@ -3,12 +3,17 @@
 import json
 import re
 
+from pathlib import Path
+
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 
 from happysad import synth
+from happysad.decode import decode_image
 from happysad.evaluate import binary_metrics, curves
 from happysad.page import render
+from happysad.score import load_keras_model
 from happysad.train import TrainConfig, run
 
 
@@ -63,7 +68,13 @@ def test_every_training_run_writes_a_report_of_its_test_split(ray_session, tmp_p
     test_rows = sum(metrics["counts"]["test"].values())
     assert test_rows >= 16 and html.count("class='thumb'") == 16
     matrix = [int(v) for v in re.findall(r"data-predicted='\w+'>(\d+)<", html)]
-    assert sum(matrix) == test_rows  # the whole test split, scored again by the saved model
+    assert sum(matrix) == test_rows  # the whole test split, as the workers scored it
+    rows = pq.read_table(output / "test_predictions.parquet").to_pylist()
+    assert len(rows) == len({r["path"] for r in rows}) == test_rows and not list(output.glob(".test-*"))
+    model = load_keras_model(str(output / "model.keras"))
+    saved = model.predict(np.stack([decode_image(Path(r["path"]).read_bytes()) for r in rows]), verbose=0).reshape(-1)
+    np.testing.assert_allclose([r["score"] for r in rows], saved, atol=1e-5)  # the saved model's scores
+    assert [r["true_label"] for r in rows] == [Path(r["path"]).parent.name for r in rows]
     threshold = json.loads((output / "model.json").read_text())["threshold"]
     assert f"threshold {threshold:.3f}" in html
     for split in ("train", "val", "test"):

@@ -1,6 +1,7 @@
 """Training on the shared local Ray head: sync, uneven data, metrics, S3, kill, resume, job submit."""
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import BUCKET, REPO, run_cli, upload_tree, wait_for_registered_checkpoint
@@ -131,6 +133,11 @@ def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_sess
     assert metrics["test"]["n"] == expected["n"] == metrics["counts"]["test"]["happy"] + metrics["counts"]["test"]["sad"]
     for key in ("accuracy", "precision", "recall", "loss"):
         assert metrics["test"][key] == pytest.approx(expected[key], abs=1e-4), key
+
+    # Both workers' test rows, once each (padding left out), in one file; the workers' own files removed.
+    test_rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/test_predictions.parquet")))
+    assert sorted(test_rows["path"].to_pylist()) == sorted(set(test_rows["path"].to_pylist())) and test_rows.num_rows == expected["n"]
+    assert not [k["Key"] for k in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/two-workers/.test-predictions").get("Contents", [])]
 
     history = storage.read_bytes(f"{output}/history.csv").decode().splitlines()
     assert history[0].startswith("epoch,loss,accuracy,val_loss,val_accuracy") and len(history) == 3
