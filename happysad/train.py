@@ -21,7 +21,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -443,6 +443,16 @@ def _cause(failed) -> str:
 def run(config: TrainConfig) -> dict:
     """Train, write the run directory, and return metrics.json's content."""
     output = _output_uri(config)
+    try:
+        return _train(config, output)
+    except UsageError:
+        if not config.output:  # the runs/ folder made for this run, still empty: bad input leaves nothing behind
+            with suppress(OSError):
+                os.rmdir(output)
+        raise
+
+
+def _train(config: TrainConfig, output: str) -> dict:
     _check_output(output, config.resume)
     record = run_record(config)
     if config.resume:

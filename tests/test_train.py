@@ -64,13 +64,14 @@ def test_model_is_the_seed_cnn():
         (["--max-failures", "-1"], "--max-failures -1"),
     ],
 )
-def test_bad_flags_exit_2_with_one_line(args, named):
+def test_bad_flags_exit_2_with_one_line(args, named, tmp_path):
     # The timeout turns the old behaviour (a run that starts, then fails or waits for CPUs) into a failure.
-    cmd = [sys.executable, "jobs/train.py", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    cmd = [sys.executable, str(REPO / "jobs/train.py"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
+    assert list(tmp_path.glob("runs/*")) == []  # no empty run folder left behind
 
 
 def split_images(data_root: Path, split: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
