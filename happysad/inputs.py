@@ -46,7 +46,7 @@ ROW_SCHEMA = pa.schema(
 )
 WHOLE = -1
 BLOCK_MEMBERS = 256  # an archive is emitted in blocks of at most this many members...
-BLOCK_BYTES = 32 << 20  # ...or this many bytes, whichever comes first: memory follows the block, not the archive
+BLOCK_BYTES = 8 << 20  # ...or this many bytes (a compressed tar's members travel in them): memory follows the block
 TAR_READ_AHEAD = 256 << 10  # one request reads this much: the headers of several small members
 COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: no offsets to point at; members are carried
 READER_MEMORY = 512 << 20  # what an archive reader may hold: a block, Ray's output buffer, the largest member
