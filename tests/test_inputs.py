@@ -206,6 +206,34 @@ def test_a_compressed_tar_carries_its_members(tmp_path):
     assert block["bytes"].to_pylist() == [JPEG] and block["offset"].to_pylist() == [inputs.WHOLE]
 
 
+def test_a_compressed_tar_streams_in_capped_blocks_and_other_jobs_keep_ray_defaults(ray_session, tmp_path):
+    """A tar.gz's members travel through the object store: its job caps what may be in flight there
+    (blocks of BLOCK_BYTES, IN_FLIGHT_PER_CPU per CPU, at least the floor). A job without one keeps Ray's defaults."""
+    import ray
+
+    from happysad import score
+
+    defaults = ray.data.DataContext.get_current()
+    default_block, default_store = defaults.target_max_block_size, defaults.execution_options.resource_limits.object_store_memory
+    config = score.ScoreConfig(inputs=("x",), output=str(tmp_path / "out"))
+    model = score.Model("m.keras", "0" * 16, 0.5)
+    for name, capped in (("photos.tar.gz", True), ("photos.tar", False)):
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz" if capped else "w") as tar:
+            info = tarfile.TarInfo("one.jpg")
+            info.size = len(JPEG)
+            tar.addfile(info, io.BytesIO(JPEG))
+        found = inputs.Inputs(inputs.ROW_SCHEMA.empty_table(), [storage.Listed(str(path), str(path).encode(), path.stat().st_size)], 0)
+        context = score.build_pipeline(config, model, found, NO_DONE).context
+        limit = max(score.IN_FLIGHT_FLOOR, ray.cluster_resources()["CPU"] * score.IN_FLIGHT_PER_CPU)
+        if capped:
+            assert (context.target_max_block_size, context.execution_options.resource_limits.object_store_memory) == (inputs.BLOCK_BYTES, limit)
+        else:
+            assert (context.target_max_block_size, context.execution_options.resource_limits.object_store_memory) == (default_block, default_store)
+    after = ray.data.DataContext.get_current()  # the driver's own context is left as it was
+    assert (after.target_max_block_size, after.execution_options.resource_limits.object_store_memory) == (default_block, default_store)
+
+
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     uri = str(tmp_path / "out" / ".lock")
     with lock.held(uri, "--output", "out"):
