@@ -107,6 +107,9 @@ def ray_head(s3_server):
     # A node is declared dead after 3 failed health checks 1 s apart (Ray's default: 5, 3 s apart): the tests
     # that kill a raylet wait for that twice (the job's recovery, and the node's stop).
     env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
+    # A node told to stop (SIGTERM to `ray start --block`) stops at once: by default it first drains for up to
+    # 30 s, waiting for Serve-style traffic to end, and the session's own idle workers keep it from being idle.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     head = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",

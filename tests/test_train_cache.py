@@ -39,6 +39,7 @@ def small_head():
     temp_dir = Path(tempfile.mkdtemp(prefix="hssmall-", dir="/tmp"))
     port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # stop at once when told to (see conftest.ray_head)
     head = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
