@@ -378,7 +378,7 @@ def training_predictions(output: str, model: score.Model) -> pa.Table:
     table = pa.table(
         {
             "path": rows["path"], "score": rows["score"],
-            "label": pa.array(np.where(scores >= model.threshold, "sad", "happy"), pa.string()),  # score's rule
+            "label": pa.array(score.decided_labels(scores, model.threshold), pa.string()),
             "error": pa.nulls(rows.num_rows, pa.string()), "model": pa.array([model.id] * rows.num_rows, pa.string()),
             "true_label": rows["true_label"],
         }

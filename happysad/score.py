@@ -53,7 +53,7 @@ SCHEMA = pa.schema(
 )
 COMPRESSED_TARS = (".tar.gz", ".tgz")
 IN_FLIGHT_PER_CPU = 32 << 20  # object-store bytes in flight per cluster CPU while a compressed tar streams...
-IN_FLIGHT_FLOOR = 300 << 20  # ...and at least this (measured: 2 CPUs, 1 GB tar.gz, 26 s -> 32 s, reader 840 -> 350 MB)
+IN_FLIGHT_FLOOR = 300 << 20  # ...and at least this (bench/archive_memory.py, 2 CPUs, 1 GB tar.gz: 23 s -> 35 s, reader 837 -> 352 MB)
 BATCHES_PER_BLOCK = 4  # model batches per block of paths: blocks are the unit replicas and decode tasks take
 
 
@@ -191,7 +191,7 @@ class Replica:
         scores = np.full(len(errors), np.nan, np.float32)
         if ok.any():
             scores[ok] = self._predict(batch["image"][ok])
-        labels = np.where(scores >= self.model.threshold, "sad", "happy")
+        labels = decided_labels(scores, self.model.threshold)
         return pa.table(
             {
                 "path": list(batch["path"]),
@@ -202,6 +202,11 @@ class Replica:
             },
             schema=SCHEMA,
         )
+
+
+def decided_labels(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The label of each score: at or above the threshold is sad."""
+    return np.where(scores >= threshold, "sad", "happy")
 
 
 # --- output folder: staging, resume, summary -------------------------------------------------
