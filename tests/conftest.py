@@ -28,16 +28,50 @@ BUCKET = "happysad-test"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def own_ports() -> list[str]:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (bound together while chosen, so none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+AGENT_PORTS = ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export")
+
+
+def own_ports(names: tuple[str, ...] = AGENT_PORTS) -> list[str]:
     """Free ports for every port a Ray node would otherwise take by default (its job agent's 52365...):
     another node or head on this machine then cannot collide with it ("No available agent to submit job")."""
-    names = ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export")
-    return [f"--{name}-port={free_port()}" for name in names]
+    return [f"--{name}-port={port}" for name, port in zip(names, free_ports(len(names)))]
+
+
+def start_head(flags: list[str], env: dict, temp_dir: Path, dashboard: bool = True) -> tuple[subprocess.Popen, int, int]:
+    """`ray start --head --block FLAGS` on fresh ports (the client server's 10001 included); returns the process,
+    its GCS port and its dashboard port once it answers. A port taken by another process between choosing and
+    binding kills one of the head's processes, and `ray start --block` exits 1 with it: then it is tried again,
+    twice at most, on other ports. Its output goes to temp_dir/head.log, quoted when it cannot start."""
+    log = temp_dir / "head.log"
+    for attempt in range(3):
+        port, dashboard_port = free_ports(2)
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+             f"--dashboard-port={dashboard_port}", *own_ports((*AGENT_PORTS, "ray-client-server")), *flags],
+            # A file, not a pipe: the head's children inherit it, and a full pipe would stall them.
+            env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_for_port(dashboard_port if dashboard else port, head)
+            return head, port, dashboard_port
+        except RuntimeError:
+            with contextlib.suppress(ProcessLookupError):  # whatever it had started
+                os.killpg(head.pid, signal.SIGKILL)
+            if attempt == 2:
+                raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}") from None
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +135,6 @@ def ray_head(s3_server):
     The venv's bin comes first on PATH so submitted jobs run the same `python`.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="hsray-", dir="/tmp"))
-    port, dashboard_port = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     # A node is declared dead after 3 failed health checks 1 s apart (Ray's default: 5, 3 s apart): the tests
@@ -110,23 +143,15 @@ def ray_head(s3_server):
     # A node told to stop (SIGTERM to `ray start --block`) stops at once: by default it first drains for up to
     # 30 s, waiting for Serve-style traffic to end, and the session's own idle workers keep it from being idle.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-    head = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-            f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-            "--object-store-memory=1500000000", "--disable-usage-stats", *own_ports(),
-        ],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    head, port, dashboard_port = start_head(
+        ["--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--object-store-memory=1500000000", "--disable-usage-stats"],
+        env, temp_dir,
     )
     address = f"127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     os.environ.update(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled")
     try:
-        _wait_for_port(dashboard_port, head)
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": env, "pid": head.pid}
     finally:
         import ray
@@ -196,18 +221,20 @@ def joined_node(ray_session, cpus: int = 1, name: str = "second_node"):
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="hsray2-", dir="/tmp")
+    log = Path(temp_dir) / "node.log"
     node = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={ray_session['address']}",
             "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=1", f'--resources={{"{name}": 1}}', *own_ports(),
             f"--temp-dir={temp_dir}", "--disable-usage-stats",
         ],
-        env=ray_session["env"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=ray_session["env"], start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 120
         while ray.cluster_resources().get(name) != 1:
-            assert node.poll() is None and time.monotonic() < deadline, f"the node {name} did not join"
+            joining = node.poll() is None and time.monotonic() < deadline
+            assert joining, f"the node {name} did not join:\n{log.read_text()[-3000:]}"
             time.sleep(1)
         yield node
     finally:

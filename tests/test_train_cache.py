@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, _wait_for_port, free_port
+from conftest import REPO, start_head
 from happysad import synth
 
 STORE_BYTES = 100_000_000  # the small head's object store
@@ -37,19 +37,14 @@ def big_set(tmp_path_factory) -> Path:
 def small_head():
     """A second Ray head with a 100 MB object store, started and stopped by this process (never `ray stop`)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="hssmall-", dir="/tmp"))
-    port = free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # stop at once when told to (see conftest.ray_head)
-    head = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-            "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--object-store-memory={STORE_BYTES}",
-            f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
-        ],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    head, port, _ = start_head(
+        ["--node-ip-address=127.0.0.1", "--num-cpus=2", f"--object-store-memory={STORE_BYTES}",
+         f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
+        env, temp_dir, dashboard=False,
     )
     try:
-        _wait_for_port(port, head)
         yield f"127.0.0.1:{port}"
     finally:
         # Its own driver, since this process is the shared head's: Ray Data's detached actors add 30 s to a stop.
