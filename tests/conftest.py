@@ -41,6 +41,7 @@ def free_ports(count: int) -> list[int]:
 
 
 AGENT_PORTS = ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export")
+HEAD_PORTS = (*AGENT_PORTS, "ray-client-server")  # a head's client server takes 10001 by default
 
 
 def own_ports(names: tuple[str, ...] = AGENT_PORTS) -> list[str]:
@@ -59,7 +60,7 @@ def start_head(flags: list[str], env: dict, temp_dir: Path, dashboard: bool = Tr
         port, dashboard_port = free_ports(2)
         head = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-             f"--dashboard-port={dashboard_port}", *own_ports((*AGENT_PORTS, "ray-client-server")), *flags],
+             f"--dashboard-port={dashboard_port}", *own_ports(HEAD_PORTS), *flags],
             # A file, not a pipe: the head's children inherit it, and a full pipe would stall them.
             env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
         )

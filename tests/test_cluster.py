@@ -29,7 +29,7 @@ from packaging.requirements import Requirement
 from ray.autoscaler._private.command_runner import SSHCommandRunner
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from conftest import BUCKET, REPO, _wait_for_port, free_port
+from conftest import BUCKET, HEAD_PORTS, REPO, _wait_for_port, free_ports, own_ports
 from happysad import storage
 from happysad.storage import UsageError
 
@@ -306,7 +306,7 @@ class Head:
         home = tmp_path / "head-home"
         home.mkdir()
         self.temp_dir = Path(tempfile.mkdtemp(prefix="hsauth-", dir="/tmp"))
-        self.dashboard_port = free_port()
+        port, self.dashboard_port = free_ports(2)
         self.log = tmp_path / "head.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(env_prefix)  # RAY_AUTH_MODE=token, as on the cluster
@@ -315,10 +315,9 @@ class Head:
             env["RAY_AUTH_TOKEN_PATH"] = str(token)
         # Every port Ray would otherwise take by default (the agent's 52365, the client server's
         # 10001, ...) is a free one: other Ray heads may run on this machine.
-        ports = [f"--{name}-port={free_port()}" for name in (
-            "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export", "ray-client-server")]
+        ports = own_ports(HEAD_PORTS)
         self.process = subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", *flags, "--block", f"--port={free_port()}",
+            [str(VENV_BIN / "ray"), "start", *flags, "--block", f"--port={port}",
              f"--dashboard-port={self.dashboard_port}", *ports, "--node-ip-address=127.0.0.1", "--num-cpus=1",
              "--object-store-memory=200000000", f"--temp-dir={self.temp_dir}"],
             # A file, not a pipe: the head's children inherit it, and a full pipe would stall them.
