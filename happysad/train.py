@@ -131,7 +131,7 @@ def decode_split(batch: dict, split: str, conflicts: list[str], seed: int, val_f
 
 
 def select_split(batch: dict, split: str, conflicts: list[str]) -> pa.Table:
-    """The usable rows of one split, each with weight 1 (and its path: the test split's are the report's rows).
+    """The usable rows of one split, each with weight 1; the test split's with their path (the report's rows).
 
     A table, not a dict of arrays: Ray cannot type a 0-row image array (a batch
     with no row of this split) and would store the column as pickled objects.
@@ -140,8 +140,10 @@ def select_split(batch: dict, split: str, conflicts: list[str]) -> pa.Table:
 
     keep = (np.asarray(batch["split"]) == split) & (np.asarray(batch["error"]) == "") & ~np.isin(batch["hash"], conflicts)
     image = ArrowTensorArray.from_numpy(np.asarray(batch["image"])[keep])
-    columns = {"path": pa.array(np.asarray(batch["path"])[keep].tolist(), pa.string()), "image": image}
-    return pa.table(columns | {"label": np.asarray(batch["label"])[keep], "weight": np.ones(int(keep.sum()), np.float32)})
+    columns = {"image": image, "label": np.asarray(batch["label"])[keep], "weight": np.ones(int(keep.sum()), np.float32)}
+    if split == "test":
+        columns["path"] = pa.array(np.asarray(batch["path"])[keep].tolist(), pa.string())
+    return pa.table(columns)
 
 
 def zero_weight(batch: dict) -> dict:
@@ -196,7 +198,7 @@ def count_rows(index) -> tuple[Counter, Counter, set[str]]:
 
 @dataclass(frozen=True)
 class Prepared:
-    datasets: dict  # split -> Ray Dataset of {image, label, weight}, padded
+    datasets: dict  # split -> Ray Dataset of {image, label, weight} (and the test split's path), padded
     counts: dict  # split -> class -> usable rows
     skipped: dict  # reason -> rows (listing and reading included)
     rows: dict  # split -> rows including padding

@@ -33,7 +33,6 @@ import numpy as np
 IMAGE_SHAPE = (256, 256, 3)
 SHUFFLE_ROWS = 256  # per-worker shuffle buffer of the train split: ~50 MB of decoded images
 PREFETCH_BATCHES = 2  # batches made ready while a step runs
-PREDICT_BATCH = 64  # test rows per model call when the trained model scores them for the report
 
 
 def train_loop_per_worker(loop_config: dict) -> dict | None:
@@ -62,6 +61,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         val_metrics = _metrics(keras, "val")
 
     def forward(batch, metrics, training):
+        """(the loss to step on, the scores)."""
         y = tf.cast(tf.reshape(batch["label"], (-1, 1)), tf.float32)
         w = batch["weight"]
         p = model(batch["image"], training=training)
@@ -71,22 +71,27 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                 metric.update_state(per_example, sample_weight=w)
             else:
                 metric.update_state(y, p, sample_weight=w)
-        return tf.nn.compute_average_loss(per_example * w, global_batch_size=global_batch)
+        return tf.nn.compute_average_loss(per_example * w, global_batch_size=global_batch), p
 
     @tf.function
     def train_step(batch):
         def replica(batch):
             with tf.GradientTape() as tape:
-                loss = forward(batch, train_metrics, training=True)
+                loss, _ = forward(batch, train_metrics, training=True)
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
         strategy.run(replica, args=(batch,))
 
     def eval_step_for(metrics):
-        return tf.function(lambda batch: strategy.run(lambda b: forward(b, metrics, training=False), args=(batch,)))
+        """A step that updates `metrics` and returns the batch's scores."""
+        return tf.function(lambda batch: strategy.run(lambda b: forward(b, metrics, training=False)[1], args=(batch,)))
 
-    inputs = {split: WorkerInput(ray.train.get_dataset_shard(split), strategy, global_batch) for split in rows}
+    # The test split's paths are kept: its scores, from the test metrics' own pass, are the report's rows.
+    inputs = {
+        split: WorkerInput(ray.train.get_dataset_shard(split), strategy, global_batch, keep_paths=split == "test")
+        for split in rows
+    }
 
     def run_epoch(split: str, step, shuffle_seed: int | None) -> int:
         """One pass over this worker's shard; returns the steps taken (equal on every worker)."""
@@ -142,11 +147,19 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     # The test split is measured at the chosen threshold: the one `score` and `predict` will use.
     with strategy.scope():
         test_metrics = _metrics(keras, "test", state["threshold"]["value"])
-    test = evaluate("test", eval_step_for(test_metrics), test_metrics) | {"threshold": state["threshold"]["value"]}
+    test_scores = eval_step_for(test_metrics)
+    scored = []  # this worker's (scores, labels, weights) of each test batch stepped
+
+    def test_step(batch):
+        local = strategy.experimental_local_results  # one replica per worker
+        scores = test_scores(batch)
+        scored.append(tuple(local(x)[0].numpy().reshape(-1) for x in (scores, batch["label"], batch["weight"])))
+
+    test = evaluate("test", test_step, test_metrics) | {"threshold": state["threshold"]["value"]}
+    if rows["test"]:  # every rank or none
+        _write_test_predictions(scored, inputs["test"].paths, loop_config["output"], rank)
     hashes = _replica_weight_hashes(model, strategy)
     trained = _inference_model(model)
-    if rows["test"]:  # every rank or none: each reads its part of the test split once more
-        _write_test_predictions(trained, ray.train.get_dataset_shard("test"), loop_config["output"], rank)
     if rank != 0:
         return None
     from happysad.report import tensorboard_files  # here, where TF is loaded already: the driver never imports it
@@ -176,10 +189,12 @@ class WorkerInput:
     gave this worker its share. Built once per run and iterated once per epoch.
     """
 
-    def __init__(self, shard, strategy, global_batch: int):
+    def __init__(self, shard, strategy, global_batch: int, keep_paths: bool = False):
         import tensorflow as tf
 
         self._shard, self._seed = shard, None
+        self._keep_paths = keep_paths
+        self.paths: list[np.ndarray] = []  # with keep_paths: each batch's paths, in the order the epoch made them
         self._batch = global_batch // strategy.num_replicas_in_sync  # one replica per worker
         spec = {
             "image": tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8),
@@ -201,6 +216,7 @@ class WorkerInput:
     def epoch(self, shuffle_seed: int | None = None):
         """This epoch's batches, {"image", "label", "weight"} of this worker's rows, as a generator."""
         self._seed = shuffle_seed  # read when the iterator starts the generator
+        self.paths = []
         iterator = iter(self._distributed)
         try:
             yield from iterator
@@ -212,14 +228,16 @@ class WorkerInput:
 
     def _batches(self):
         rows = (
-            (block["image"][i], block["label"][i], block["weight"][i])
+            (block["image"][i], block["label"][i], block["weight"][i], block["path"][i] if self._keep_paths else "")
             for block in self._shard.iter_batches(batch_size=None, batch_format="numpy")  # whole blocks: no copy in Ray
             for i in range(len(block["label"]))
         )
         if self._seed is not None:
             rows = shuffled(rows, SHUFFLE_ROWS, np.random.default_rng(self._seed))
         for chunk in batched(rows, self._batch):
-            images, labels, weights = zip(*chunk)
+            images, labels, weights, paths = zip(*chunk)
+            if self._keep_paths:
+                self.paths.append(np.array(paths))
             yield {"image": np.stack(images), "label": np.array(labels, np.int8), "weight": np.array(weights, np.float32)}
 
 
@@ -372,11 +390,12 @@ def _model_bytes(model) -> bytes:
             return f.read()
 
 
-def _write_test_predictions(model, shard, output: str, rank: int) -> None:
-    """This worker's test rows (path, score, true_label), scored by the trained model, as one Parquet file.
+def _write_test_predictions(scored: list[tuple], batch_paths: list[np.ndarray], output: str, rank: int) -> None:
+    """This worker's test rows (path, score, true_label) as one Parquet file: the scores of the test metrics' pass.
 
     The run's report is made of them (`evaluate.training_predictions` gathers every
-    worker's file): the driver never reads the data set again. Padding rows weigh 0
+    worker's file): nothing reads the data again. The epoch may have made batches
+    past the last one stepped (prefetch): those were not scored. Padding rows weigh 0
     and are left out.
     """
     import io
@@ -386,18 +405,15 @@ def _write_test_predictions(model, shard, output: str, rank: int) -> None:
 
     from happysad import report, sources, storage
 
-    paths, scores, labels = [], [], []
-    for block in shard.iter_batches(batch_size=PREDICT_BATCH, batch_format="numpy"):
-        real = block["weight"] > 0
-        if real.any():
-            scores.append(np.asarray(model(block["image"][real], training=False), np.float32).reshape(-1))
-            paths += block["path"][real].tolist()
-            labels += [sources.CLASSES[label] for label in block["label"][real]]
+    scores, labels, weights = (np.concatenate(column) for column in zip(*scored))  # every worker steps >= 1 batch
+    paths = np.concatenate(batch_paths[: len(scored)])
+    assert len(paths) == len(scores), "the test batches and their paths differ"
+    real = weights > 0
     table = pa.table(
         {
-            "path": pa.array(paths, pa.string()),
-            "score": pa.array(np.concatenate(scores) if scores else np.array([], np.float32)),
-            "true_label": pa.array(labels, pa.string()),
+            "path": pa.array(paths[real].tolist(), pa.string()),
+            "score": pa.array(scores[real], pa.float32()),
+            "true_label": pa.array([sources.CLASSES[label] for label in labels[real]], pa.string()),
         }
     )
     buffer = io.BytesIO()
