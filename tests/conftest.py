@@ -44,10 +44,10 @@ AGENT_PORTS = ("dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-ag
 HEAD_PORTS = (*AGENT_PORTS, "ray-client-server")  # a head's client server takes 10001 by default
 
 
-def own_ports(names: tuple[str, ...] = AGENT_PORTS) -> list[str]:
-    """Free ports for every port a Ray node would otherwise take by default (its job agent's 52365...):
-    another node or head on this machine then cannot collide with it ("No available agent to submit job")."""
-    return [f"--{name}-port={port}" for name, port in zip(names, free_ports(len(names)))]
+def own_ports(names: tuple[str, ...] = AGENT_PORTS, ports: list[int] | None = None) -> list[str]:
+    """Flags giving each port a Ray node would otherwise take by default (its job agent's 52365...) one of `ports`
+    (free ones if not given): another node or head on this machine then cannot collide with it."""
+    return [f"--{name}-port={port}" for name, port in zip(names, ports or free_ports(len(names)), strict=True)]
 
 
 def start_head(flags: list[str], env: dict, temp_dir: Path, dashboard: bool = True) -> tuple[subprocess.Popen, int, int]:
@@ -57,22 +57,31 @@ def start_head(flags: list[str], env: dict, temp_dir: Path, dashboard: bool = Tr
     twice at most, on other ports. Its output goes to temp_dir/head.log, quoted when it cannot start."""
     log = temp_dir / "head.log"
     for attempt in range(3):
-        port, dashboard_port = free_ports(2)
-        head = subprocess.Popen(
-            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-             f"--dashboard-port={dashboard_port}", *own_ports(HEAD_PORTS), *flags],
-            # A file, not a pipe: the head's children inherit it, and a full pipe would stall them.
-            env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
-        )
+        port, dashboard_port, *others = free_ports(2 + len(HEAD_PORTS))
+        with log.open("w") as out:  # a file, not a pipe: the head's children inherit it, a full pipe would stall them
+            head = subprocess.Popen(
+                [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+                 f"--dashboard-port={dashboard_port}", *own_ports(HEAD_PORTS, others), *flags],
+                env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+            )
         try:
             _wait_for_port(dashboard_port if dashboard else port, head)
             return head, port, dashboard_port
-        except RuntimeError:
-            with contextlib.suppress(ProcessLookupError):  # whatever it had started
-                os.killpg(head.pid, signal.SIGKILL)
+        except RuntimeError:  # `ray start` exited
+            kill_group(head)
             if attempt == 2:
                 raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}") from None
+        except BaseException:  # not up in time, or interrupted
+            kill_group(head)
+            raise
     raise AssertionError("unreachable")
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL `process` and everything it started (its own session), and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -164,7 +173,7 @@ def ray_head(s3_server):
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            kill_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
@@ -223,14 +232,15 @@ def joined_node(ray_session, cpus: int = 1, name: str = "second_node"):
 
     temp_dir = tempfile.mkdtemp(prefix="hsray2-", dir="/tmp")
     log = Path(temp_dir) / "node.log"
-    node = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={ray_session['address']}",
-            "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=1", f'--resources={{"{name}": 1}}', *own_ports(),
-            f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        ],
-        env=ray_session["env"], start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )
+    with log.open("w") as out:
+        node = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={ray_session['address']}",
+                "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=1", f'--resources={{"{name}": 1}}',
+                *own_ports(), f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            ],
+            env=ray_session["env"], start_new_session=True, stdout=out, stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 120
         while ray.cluster_resources().get(name) != 1:
@@ -245,9 +255,7 @@ def joined_node(ray_session, cpus: int = 1, name: str = "second_node"):
             node.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pass
-        with contextlib.suppress(ProcessLookupError):  # what is left of its session: workers of a killed raylet
-            os.killpg(node.pid, signal.SIGKILL)
-        node.wait()
+        kill_group(node)  # what is left of its session: workers of a killed raylet
         deadline = time.monotonic() + 60
         while ray.cluster_resources().get(name) and time.monotonic() < deadline:
             time.sleep(1)

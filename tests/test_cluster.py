@@ -29,7 +29,7 @@ from packaging.requirements import Requirement
 from ray.autoscaler._private.command_runner import SSHCommandRunner
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from conftest import BUCKET, HEAD_PORTS, REPO, _wait_for_port, free_ports, own_ports
+from conftest import BUCKET, HEAD_PORTS, REPO, _wait_for_port, free_ports, kill_group, own_ports
 from happysad import storage
 from happysad.storage import UsageError
 
@@ -306,7 +306,7 @@ class Head:
         home = tmp_path / "head-home"
         home.mkdir()
         self.temp_dir = Path(tempfile.mkdtemp(prefix="hsauth-", dir="/tmp"))
-        port, self.dashboard_port = free_ports(2)
+        port, self.dashboard_port, *others = free_ports(2 + len(HEAD_PORTS))
         self.log = tmp_path / "head.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         env.update(env_prefix)  # RAY_AUTH_MODE=token, as on the cluster
@@ -315,7 +315,7 @@ class Head:
             env["RAY_AUTH_TOKEN_PATH"] = str(token)
         # Every port Ray would otherwise take by default (the agent's 52365, the client server's
         # 10001, ...) is a free one: other Ray heads may run on this machine.
-        ports = own_ports(HEAD_PORTS)
+        ports = own_ports(HEAD_PORTS, others)
         self.process = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", *flags, "--block", f"--port={port}",
              f"--dashboard-port={self.dashboard_port}", *ports, "--node-ip-address=127.0.0.1", "--num-cpus=1",
@@ -331,8 +331,7 @@ class Head:
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+                kill_group(self.process)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

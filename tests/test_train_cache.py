@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, start_head
+from conftest import REPO, kill_group, start_head
 from happysad import synth
 
 STORE_BYTES = 100_000_000  # the small head's object store
@@ -54,7 +54,7 @@ def small_head():
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            kill_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
