@@ -76,7 +76,7 @@ def _add_predict(sub) -> None:
 
 def _predict(args) -> None:
     from happysad.decode import DecodeError, decode_image
-    from happysad.score import load_keras_model, open_model
+    from happysad.score import decided_labels, load_keras_model, open_model
 
     model = open_model(args.model or "", args.threshold)
     keras_model = load_keras_model(model.uri)
@@ -91,7 +91,7 @@ def _predict(args) -> None:
             print(f"{path}\terror\t{exc.reason}")
             continue
         score = float(keras_model.predict_on_batch(image[None])[0, 0])
-        print(f"{path}\t{'sad' if score >= model.threshold else 'happy'}\t{score:.6f}")
+        print(f"{path}\t{decided_labels(score, model.threshold)}\t{score:.6f}")
 
 
 def _add_explain(sub) -> None:

@@ -32,6 +32,7 @@ from happysad.storage import UsageError
 
 EPSILON = 1e-7  # Keras's clip for log loss: a score of exactly 0 or 1 costs a large, finite loss
 WORST = 16  # thumbnails of the highest-loss rows in the report
+LABELLED_ROWS = score.SCHEMA.append(pa.field("true_label", pa.string()))  # predictions and test_predictions.parquet
 
 
 @dataclass(frozen=True)
@@ -240,17 +241,17 @@ def predict(labelled, model: score.Model, config: score.ScoreConfig) -> pa.Table
     )
     import ray
 
-    tables = [t for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
-    schema = score.SCHEMA.append(pa.field("true_label", pa.string()))
-    table = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]) if tables else schema.empty_table()
+    tables = [t.select(LABELLED_ROWS.names).cast(LABELLED_ROWS) for t in ray.get(scored.to_arrow_refs()) if t.num_rows]
+    table = pa.concat_tables(tables) if tables else LABELLED_ROWS.empty_table()
     return table.sort_by("path")
 
 
-def fetch_images(labelled, paths: list[str]) -> dict[str, bytes]:
+def fetch_images(open_labelled, paths: list[str]) -> dict[str, bytes]:
     """The bytes of a few rows, read again (predictions keep no bytes).
 
     A file is read directly; a shard member (`SHARD#MEMBER`), or a name that cannot be
-    opened as written, is found by one more pass over the dataset.
+    opened as written, is found by one more pass over the labelled dataset, which
+    `open_labelled()` makes only then (listing a large set is not free).
     """
     found = {}
     for path in paths:
@@ -260,7 +261,7 @@ def fetch_images(labelled, paths: list[str]) -> dict[str, bytes]:
             except OSError:
                 continue
     missing = [p for p in paths if p not in found]
-    return found | (_scan_for(labelled, missing) if missing else {})
+    return found | (_scan_for(open_labelled(), missing) if missing else {})
 
 
 def _scan_for(labelled, paths: list[str]) -> dict[str, bytes]:
@@ -277,7 +278,7 @@ def _scan_for(labelled, paths: list[str]) -> dict[str, bytes]:
 # --- the report page -------------------------------------------------------------------------------
 
 
-def thumbnails(labelled, worst: list[dict], model: score.Model) -> list[dict]:
+def thumbnails(open_labelled, worst: list[dict], model: score.Model) -> list[dict]:
     """Each worst row with a PNG: the face beside its Grad-CAM heat map (for the label the model gave)."""
     import cv2
 
@@ -286,7 +287,7 @@ def thumbnails(labelled, worst: list[dict], model: score.Model) -> list[dict]:
 
     if not worst:
         return []
-    images = fetch_images(labelled, [r["path"] for r in worst])
+    images = fetch_images(open_labelled, [r["path"] for r in worst])
     keras_model = score.load_keras_model(model.uri)
     view = explain.cam_model(keras_model)
     out = []
@@ -313,13 +314,13 @@ def versions() -> dict:
     return found
 
 
-def page_for(title: str, table: pa.Table, result: dict, labelled, model: score.Model, **extra) -> bytes:
+def page_for(title: str, table: pa.Table, result: dict, open_labelled, model: score.Model, **extra) -> bytes:
     """report.html for scored rows: metrics, curves, the worst rows with heat maps, and `extra` sections."""
     from happysad import page
 
     rows = labelled_rows(table)
     sad = np.array(rows["true_label"].to_pylist()) == "sad"
-    worst = thumbnails(labelled, worst_rows(table), model)
+    worst = thumbnails(open_labelled, worst_rows(table), model)
     return page.render(
         title=title, metrics=result, curves=curves(rows["score"].to_numpy().astype(np.float64), sad, model.threshold),
         worst=worst, **extra,
@@ -342,7 +343,7 @@ def run(config: EvaluateConfig) -> dict:
     storage.write_bytes(storage.join(config.output, "evaluation.json"), json.dumps(result, indent=2).encode())
     counts = {"evaluated": result["counts"]}
     html = page_for(
-        f"Evaluation of {model.id}", table, result, labelled, model,
+        f"Evaluation of {model.id}", table, result, lambda: labelled, model,
         counts=counts, skipped=result["skipped"], info={"data": list(config.data), "model": model.uri, "versions": result["versions"]},
     )
     storage.write_bytes(storage.join(config.output, "report.html"), html)
@@ -362,54 +363,47 @@ def _summary_line(result: dict, output: str) -> str:
 # --- a training run's page ---------------------------------------------------------------------
 
 
-def training_predictions(output: str, model: score.Model) -> pa.Table:
-    """The test rows every Train worker scored, as `predict` gives them, sorted by path.
+def merge_test_predictions(output: str, model: score.Model) -> pa.Table:
+    """The test rows every Train worker scored (report.WORKER_PREDICTIONS), as `predict` gives them, sorted by path.
 
     Written to test_predictions.parquet in the run directory; the workers' own files are removed.
     """
     from happysad import report
 
-    fs, parts = storage.filesystem(storage.join(output, report.WORKER_PREDICTIONS))
+    fs, parts = storage.filesystem(storage.join(output, report.WORKER_PREDICTIONS_DIR))
     try:
-        rows = pq.read_table(parts, filesystem=fs, schema=WORKER_PREDICTIONS)
+        rows = pq.read_table(parts, filesystem=fs, schema=report.WORKER_PREDICTIONS)
+        fs.delete_dir(parts)
     except FileNotFoundError:  # no test split: no worker wrote any
-        rows = WORKER_PREDICTIONS.empty_table()
-    scores = rows["score"].to_numpy()
+        rows = report.WORKER_PREDICTIONS.empty_table()
+    n = rows.num_rows
     table = pa.table(
         {
             "path": rows["path"], "score": rows["score"],
-            "label": pa.array(score.decided_labels(scores, model.threshold), pa.string()),
-            "error": pa.nulls(rows.num_rows, pa.string()), "model": pa.array([model.id] * rows.num_rows, pa.string()),
-            "true_label": rows["true_label"],
-        }
+            "label": score.decided_labels(rows["score"].to_numpy(), model.threshold), "error": pa.nulls(n, pa.string()),
+            "model": [model.id] * n, "true_label": rows["true_label"],
+        },
+        schema=LABELLED_ROWS,
     ).sort_by("path")
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(storage.join(output, report.TEST_PREDICTIONS), buffer.getvalue())
-    if fs.get_file_info(parts).type == pafs.FileType.Directory:
-        fs.delete_dir(parts)
     return table
 
 
-WORKER_PREDICTIONS = pa.schema([("path", pa.string()), ("score", pa.float32()), ("true_label", pa.string())])
-
-
-def run_page(output: str, metrics: dict, history: list[dict]) -> bytes:
+def run_page(output: str, table: pa.Table, model: score.Model, metrics: dict, history: list[dict]) -> bytes:
     """report.html of a training run: its test split as the trained model scored it, plus the run's history."""
     from happysad import synth
 
     config = metrics["config"]
     uris = list(config["data"]) or [str(synth.demo_data())]
-    model = score.open_model(storage.join(output, "model.keras"))
-    table = training_predictions(output, model)
     result = evaluation(table, model.threshold, {})
-    labelled, _ = sources.labelled_images(uris)  # read only for thumbnails of shard members
     info = {"data": uris, "config": config, "versions": versions(), "threshold": metrics.get("threshold"), "val": metrics.get("val")}
     subtitle = (
         f"Run {output}: {metrics.get('epochs', len(history))} epochs. Below, the test split ({result['n']} images) "
         f"as the trained model scored it, at its threshold {model.threshold:.3f}."
     )
     return page_for(
-        "Training run report", table, result, labelled, model,
+        "Training run report", table, result, lambda: sources.labelled_images(uris)[0], model,
         counts=metrics["counts"], skipped=metrics["skipped"], info=info, history=history, subtitle=subtitle,
     )

@@ -196,7 +196,7 @@ def _check_backend() -> None:
 
 def run(config: ExplainConfig) -> list[str]:
     """Write one heat-map PNG per image into --out; print path, label, score, PNG; return the PNG URIs."""
-    from happysad.score import load_keras_model, open_model
+    from happysad.score import decided_labels, load_keras_model, open_model
 
     model = open_model(config.model, config.threshold)
     if storage.file_type(config.out) == pafs.FileType.File:
@@ -210,7 +210,7 @@ def run(config: ExplainConfig) -> list[str]:
     for uri, name in zip(config.images, output_names(config.images)):
         image = read_image(uri)  # decoded again, not kept: memory stays one image however many are given
         heatmap, score = grad_cam(keras_model, image, model.threshold, view)
-        label = "sad" if score >= model.threshold else "happy"
+        label = str(decided_labels(score, model.threshold))
         caption = f"{label}   P(sad) {score:.3f}   threshold {model.threshold:.2f}"
         ok, png = cv2.imencode(".png", overlay(image, heatmap, caption))
         assert ok

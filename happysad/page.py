@@ -240,18 +240,3 @@ def _history_png(history: list[dict]) -> bytes:
     fig.tight_layout()
     return _png(fig)
 
-
-# --- a training run's page ---------------------------------------------------------------------
-
-
-def training_page(output: str, metrics: dict, history: list[dict]) -> bytes:
-    """report.html for a run directory already holding model.keras and model.json.
-
-    The per-image rows it needs (curves, worst errors) are the test split as the Train
-    workers scored it with the trained model (test_predictions.parquet): the driver never
-    reads the data set again.
-    """
-    from happysad import evaluate
-
-    return evaluate.run_page(output, metrics, history)
-

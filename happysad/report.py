@@ -15,6 +15,7 @@ import os
 import tempfile
 
 import numpy as np
+import pyarrow as pa
 
 from happysad import storage
 
@@ -24,7 +25,8 @@ METRICS = ("loss", "accuracy", "precision", "recall", "auc")
 TENSORBOARD_FILES = {"train": "train/events.out.tfevents.happysad", "val": "val/events.out.tfevents.happysad"}
 DEFAULT_THRESHOLD = 0.5  # kept when validation cannot choose one
 TEST_PREDICTIONS = "test_predictions.parquet"  # the test split as the trained model scored it: the report's rows
-WORKER_PREDICTIONS = ".test-predictions"  # each Train worker's part of them, merged by the driver, then removed
+WORKER_PREDICTIONS_DIR = ".test-predictions"  # each Train worker's part of them, merged by the driver, then removed
+WORKER_PREDICTIONS = pa.schema([("path", pa.string()), ("score", pa.float32()), ("true_label", pa.string())])
 
 
 def defined_metrics(values: dict, split: str, happy: int, sad: int, predicted_sad: float) -> dict:
@@ -149,7 +151,9 @@ def write_run(
     storage.write_bytes(storage.join(output, "curves.png"), curves_png(history))
     for name, data in tensorboard.items():
         storage.write_bytes(storage.join(output, "tensorboard", name), data)
-    from happysad import page  # Ray and Keras in the driver only: workers import this module too
+    from happysad import evaluate, score  # Ray and Keras in the driver only: workers import this module too
 
-    # Last: the page is made of the workers' test predictions, at the threshold in model.json written above.
-    storage.write_bytes(storage.join(output, "report.html"), page.training_page(output, metrics, history))
+    # Last: the workers' test predictions, labelled at the threshold in model.json written above, and the page of them.
+    model = score.open_model(storage.join(output, "model.keras"))
+    predictions = evaluate.merge_test_predictions(output, model)
+    storage.write_bytes(storage.join(output, "report.html"), evaluate.run_page(output, predictions, model, metrics, history))

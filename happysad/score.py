@@ -204,8 +204,8 @@ class Replica:
         )
 
 
-def decided_labels(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """The label of each score: at or above the threshold is sad."""
+def decided_labels(scores: np.ndarray | float, threshold: float) -> np.ndarray:
+    """The label of each score: at or above the threshold is sad (one score: a 0-d array, str() of it is the label)."""
     return np.where(scores >= threshold, "sad", "happy")
 
 

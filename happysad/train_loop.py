@@ -393,7 +393,7 @@ def _model_bytes(model) -> bytes:
 def _write_test_predictions(scored: list[tuple], batch_paths: list[np.ndarray], output: str, rank: int) -> None:
     """This worker's test rows (path, score, true_label) as one Parquet file: the scores of the test metrics' pass.
 
-    The run's report is made of them (`evaluate.training_predictions` gathers every
+    The run's report is made of them (`evaluate.merge_test_predictions` gathers every
     worker's file): nothing reads the data again. The epoch may have made batches
     past the last one stepped (prefetch): those were not scored. Padding rows weigh 0
     and are left out.
@@ -409,16 +409,11 @@ def _write_test_predictions(scored: list[tuple], batch_paths: list[np.ndarray], 
     paths = np.concatenate(batch_paths[: len(scored)])
     assert len(paths) == len(scores), "the test batches and their paths differ"
     real = weights > 0
-    table = pa.table(
-        {
-            "path": pa.array(paths[real].tolist(), pa.string()),
-            "score": pa.array(scores[real], pa.float32()),
-            "true_label": pa.array([sources.CLASSES[label] for label in labels[real]], pa.string()),
-        }
-    )
+    rows = {"path": paths[real].tolist(), "score": scores[real], "true_label": [sources.CLASSES[label] for label in labels[real]]}
+    table = pa.table(rows, schema=report.WORKER_PREDICTIONS)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    storage.write_bytes(storage.join(output, report.WORKER_PREDICTIONS, f"rank-{rank}.parquet"), buffer.getvalue())
+    storage.write_bytes(storage.join(output, report.WORKER_PREDICTIONS_DIR, f"rank-{rank}.parquet"), buffer.getvalue())
 
 
 def _replica_weight_hashes(model, strategy) -> list[int]:
