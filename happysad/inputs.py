@@ -33,7 +33,8 @@ import pyarrow as pa
 from happysad import storage
 from happysad.storage import UsageError
 
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz")
+ARCHIVE_SUFFIXES = (".tar", *COMPRESSED_TAR_SUFFIXES, ".zip")
 ROW_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
@@ -62,6 +63,12 @@ MEMBER_ERRORS = (
 
 def is_archive(uri: str) -> bool:
     return uri.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def is_compressed_tar(uri: str) -> bool:
+    """Named as a compressed tar: its reader will carry the members' bytes (told by name, without a read;
+    the reader itself goes by content, COMPRESSED_MAGIC)."""
+    return uri.lower().endswith(COMPRESSED_TAR_SUFFIXES)
 
 
 @dataclass

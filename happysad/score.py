@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 SCHEMA = pa.schema(
     [("path", pa.string()), ("score", pa.float32()), ("label", pa.string()), ("error", pa.string()), ("model", pa.string())]
 )
-COMPRESSED_TARS = (".tar.gz", ".tgz")
 IN_FLIGHT_PER_CPU = 32 << 20  # object-store bytes in flight per cluster CPU while a compressed tar streams...
 IN_FLIGHT_FLOOR = 300 << 20  # ...and at least this (bench/archive_memory.py, 2 CPUs, 1 GB tar.gz: 23 s -> 35 s, reader 837 -> 352 MB)
 BATCHES_PER_BLOCK = 4  # model batches per block of paths: blocks are the unit replicas and decode tasks take
@@ -336,7 +335,7 @@ def _bounded_flight(archives: list[storage.Listed]):
     """
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size, context.execution_options.resource_limits
-    if any(a.uri.lower().endswith(COMPRESSED_TARS) for a in archives):
+    if any(inputs.is_compressed_tar(a.uri) for a in archives):
         cpus = ray.cluster_resources().get("CPU", 1)
         context.target_max_block_size = inputs.BLOCK_BYTES
         limit = max(IN_FLIGHT_FLOOR, int(cpus * IN_FLIGHT_PER_CPU))

@@ -21,7 +21,7 @@ import os
 import secrets
 import time
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -322,10 +322,11 @@ def _check_counts(config: TrainConfig, uris: list[str], counts: dict, skipped: C
         raise UsageError(f"--data {data}: no usable {missing[0]} images, so nothing to tell apart (--allow-one-class trains anyway)")
 
 
-def _output_uri(config: TrainConfig) -> str:
-    if config.output:
-        return config.output.rstrip("/") if storage.is_s3(config.output) else str(storage.filesystem(config.output)[1])
-    return _new_run_dir()
+def _given_output(config: TrainConfig) -> str | None:
+    """--output as an absolute local path or an s3:// URI; None without it (a new runs/ folder is made later)."""
+    if not config.output:
+        return None
+    return config.output.rstrip("/") if storage.is_s3(config.output) else str(storage.filesystem(config.output)[1])
 
 
 def _new_run_dir() -> str:
@@ -444,18 +445,9 @@ def _cause(failed) -> str:
 
 def run(config: TrainConfig) -> dict:
     """Train, write the run directory, and return metrics.json's content."""
-    output = _output_uri(config)
-    try:
-        return _train(config, output)
-    except UsageError:
-        if not config.output:  # the runs/ folder made for this run, still empty: bad input leaves nothing behind
-            with suppress(OSError):
-                os.rmdir(output)
-        raise
-
-
-def _train(config: TrainConfig, output: str) -> dict:
-    _check_output(output, config.resume)
+    output = _given_output(config)
+    if output:
+        _check_output(output, config.resume)
     record = run_record(config)
     if config.resume:
         _check_resume(output, record)
@@ -464,6 +456,7 @@ def _train(config: TrainConfig, output: str) -> dict:
     console.join_ray()
     data = prepare_datasets(config, uris)
     log.info("data: %s; skipped: %s", data.counts, data.skipped or "none")
+    output = output or _new_run_dir()  # made only now: a run refused for its input leaves no empty folder
     # Recorded before the first checkpoint: a later --resume is checked against it.
     storage.write_bytes(storage.join(output, "config.json"), json.dumps(record, indent=2).encode())
     loop_config = {"config": config, "rows": data.rows, "counts": data.counts, "output": output}

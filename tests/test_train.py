@@ -25,7 +25,7 @@ from happysad.report import METRICS
 from happysad.score import open_model
 from happysad.split import split_of
 from happysad.storage import UsageError
-from happysad.train import TrainConfig, _output_uri, cache_mode, count_images, pad_to_multiple, prepare_datasets, run
+from happysad.train import TrainConfig, _new_run_dir, cache_mode, count_images, pad_to_multiple, prepare_datasets, run
 
 FAST = {"epochs": 2, "batch_size": 8, "collective_timeout_s": 180}
 
@@ -359,7 +359,7 @@ def test_streaming_with_no_cpu_beside_the_workers_is_refused():
 
 def test_default_run_directories_are_unique_and_created(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    made = [_output_uri(TrainConfig()) for _ in range(20)]  # same second, same millisecond even
+    made = [_new_run_dir() for _ in range(20)]  # same second, same millisecond even
     assert len(set(made)) == 20
     assert all(Path(m).is_dir() and Path(m).parent == (tmp_path / "runs").resolve() for m in made)
 
