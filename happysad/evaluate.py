@@ -372,10 +372,9 @@ def merge_test_predictions(output: str, model: score.Model) -> pa.Table:
 
     fs, parts = storage.filesystem(storage.join(output, report.WORKER_PREDICTIONS_DIR))
     try:
-        rows = pq.read_table(parts, filesystem=fs, schema=report.WORKER_PREDICTIONS)
-        fs.delete_dir(parts)
+        rows, merged = pq.read_table(parts, filesystem=fs, schema=report.WORKER_PREDICTIONS), True
     except FileNotFoundError:  # no test split: no worker wrote any
-        rows = report.WORKER_PREDICTIONS.empty_table()
+        rows, merged = report.WORKER_PREDICTIONS.empty_table(), False
     n = rows.num_rows
     table = pa.table(
         {
@@ -388,6 +387,8 @@ def merge_test_predictions(output: str, model: score.Model) -> pa.Table:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(storage.join(output, report.TEST_PREDICTIONS), buffer.getvalue())
+    if merged:  # last: until the merged file is written, the workers' files are the only copy
+        fs.delete_dir(parts)
     return table
 
 

@@ -2,9 +2,8 @@
 
 `render` is pure: it takes metrics, curve points, counts and rows that already
 carry their thumbnails, and returns the HTML bytes; it never sees a model or
-Ray, so it is tested on hand-made arrays. `training_page` gathers what a
-training run's page needs from what report.write_run has (the run directory
-and metrics.json's content) and renders it.
+Ray, so it is tested on hand-made arrays (evaluate.page_for and evaluate.run_page
+gather what a page needs).
 
 Stable hooks for readers and tests: #metrics, #confusion-matrix, #roc-pr,
 #history (training only), #counts, #skipped, #worst (each thumbnail an
@@ -239,4 +238,3 @@ def _history_png(history: list[dict]) -> bytes:
         ax.legend(fontsize=9)
     fig.tight_layout()
     return _png(fig)
-

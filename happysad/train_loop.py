@@ -227,6 +227,7 @@ class WorkerInput:
             del iterator
 
     def _batches(self):
+        kept_paths = self.paths  # this epoch's list (epoch() made it before starting this generator)
         rows = (
             (block["image"][i], block["label"][i], block["weight"][i], block["path"][i] if self._keep_paths else "")
             for block in self._shard.iter_batches(batch_size=None, batch_format="numpy")  # whole blocks: no copy in Ray
@@ -237,7 +238,7 @@ class WorkerInput:
         for chunk in batched(rows, self._batch):
             images, labels, weights, paths = zip(*chunk)
             if self._keep_paths:
-                self.paths.append(np.array(paths))
+                kept_paths.append(np.array(paths))
             yield {"image": np.stack(images), "label": np.array(labels, np.int8), "weight": np.array(weights, np.float32)}
 
 

@@ -54,7 +54,8 @@ def start_head(flags: list[str], env: dict, temp_dir: Path, dashboard: bool = Tr
     """`ray start --head --block FLAGS` on fresh ports (the client server's 10001 included); returns the process,
     its GCS port and its dashboard port once it answers. A port taken by another process between choosing and
     binding kills one of the head's processes, and `ray start --block` exits 1 with it: then it is tried again,
-    twice at most, on other ports. Its output goes to temp_dir/head.log, quoted when it cannot start."""
+    twice at most, on other ports. Its output goes to temp_dir/head.log, quoted when it cannot start; temp_dir
+    is removed then."""
     log = temp_dir / "head.log"
     for attempt in range(3):
         port, dashboard_port, *others = free_ports(2 + len(HEAD_PORTS))
@@ -67,12 +68,15 @@ def start_head(flags: list[str], env: dict, temp_dir: Path, dashboard: bool = Tr
         try:
             _wait_for_port(dashboard_port if dashboard else port, head)
             return head, port, dashboard_port
-        except RuntimeError:  # `ray start` exited
+        except BaseException as failure:  # `ray start` exited (RuntimeError), not up in time, or interrupted
             kill_group(head)
-            if attempt == 2:
-                raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}") from None
-        except BaseException:  # not up in time, or interrupted
-            kill_group(head)
+            exited = isinstance(failure, RuntimeError)
+            if exited and attempt < 2:
+                continue
+            tail = log.read_text()[-3000:]
+            shutil.rmtree(temp_dir, ignore_errors=True)  # the caller's try/finally has not begun
+            if exited:
+                raise RuntimeError(f"ray start exited with {head.returncode}:\n{tail}") from None
             raise
     raise AssertionError("unreachable")
 

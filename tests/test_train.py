@@ -136,8 +136,14 @@ def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_sess
         assert metrics["test"][key] == pytest.approx(expected[key], abs=1e-4), key
 
     # Both workers' test rows, once each (padding left out), in one file; the workers' own files removed.
+    # Each row's score is the saved model's for the image at its path: no worker's rows shifted against its paths.
     test_rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/test_predictions.parquet")))
-    assert sorted(test_rows["path"].to_pylist()) == sorted(set(test_rows["path"].to_pylist())) and test_rows.num_rows == expected["n"]
+    paths = test_rows["path"].to_pylist()
+    assert sorted(paths) == sorted(set(paths)) and test_rows.num_rows == expected["n"]
+    local = {f"{data_uri}/{p.relative_to(odd_data).as_posix()}": p for p in odd_data.rglob("*") if p.is_file()}
+    images = np.stack([decode_image(local[path].read_bytes()) for path in paths])
+    np.testing.assert_allclose(test_rows["score"].to_numpy(), scores(model, images), rtol=0, atol=1e-5)
+    assert test_rows["true_label"].to_pylist() == [local[path].parent.name for path in paths]
     assert not [k["Key"] for k in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/two-workers/.test-predictions").get("Contents", [])]
 
     history = storage.read_bytes(f"{output}/history.csv").decode().splitlines()
