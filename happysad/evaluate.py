@@ -14,7 +14,6 @@ numbers in evaluation.json follow from predictions.parquet alone.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -335,9 +334,7 @@ def run(config: EvaluateConfig) -> dict:
     console.join_ray()  # read tasks and replicas reach the same S3 endpoint as this process
     labelled, listing_skipped = sources.labelled_images(list(config.data), flag="--data", max_file_mb=config.max_file_mb)
     table = predict(labelled, model, config.scoring())
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(storage.join(config.output, "predictions.parquet"), buffer.getvalue())
+    storage.write_parquet(storage.join(config.output, "predictions.parquet"), table)
     result = evaluation(table, model.threshold, listing_skipped)
     result |= {"model": model.id, "model_uri": model.uri, "data": list(config.data), "versions": versions()}
     storage.write_bytes(storage.join(config.output, "evaluation.json"), json.dumps(result, indent=2).encode())
@@ -384,9 +381,7 @@ def merge_test_predictions(output: str, model: score.Model) -> pa.Table:
         },
         schema=LABELLED_ROWS,
     ).sort_by("path")
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(storage.join(output, report.TEST_PREDICTIONS), buffer.getvalue())
+    storage.write_parquet(storage.join(output, report.TEST_PREDICTIONS), table)
     if merged:  # last: until the merged file is written, the workers' files are the only copy
         fs.delete_dir(parts)
     return table

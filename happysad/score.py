@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import io
 import json
 import logging
 import os
@@ -262,9 +261,7 @@ def _retire_read_failed(output: str) -> int:
             continue
         kept = table.filter(pc.invert(failed))
         if kept.num_rows:
-            buffer = io.BytesIO()
-            pq.write_table(kept, buffer)
-            storage.write_bytes(storage.to_uri(fragment.path, output), buffer.getvalue())
+            storage.write_parquet(storage.to_uri(fragment.path, output), kept)
         else:
             fs.delete_file(fragment.path)
         retired += count

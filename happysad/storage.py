@@ -339,6 +339,15 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+def write_parquet(uri: str, table) -> None:
+    """Write a pyarrow table as one Parquet file, atomically (write_bytes)."""
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(uri, buffer.getvalue())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

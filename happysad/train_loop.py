@@ -159,7 +159,6 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     if rows["test"]:  # every rank or none
         _write_test_predictions(scored, inputs["test"].paths, loop_config["output"], rank)
     hashes = _replica_weight_hashes(model, strategy)
-    trained = _inference_model(model)
     if rank != 0:
         return None
     from happysad.report import tensorboard_files  # here, where TF is loaded already: the driver never imports it
@@ -169,7 +168,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         "val": state["val"],
         "test": test,
         "threshold": state["threshold"],
-        "model": _model_bytes(trained),
+        "model": _inference_model_bytes(model),
         "tensorboard": tensorboard_files(state["history"]),
         "replica_weight_hashes": hashes,
     }
@@ -371,8 +370,8 @@ def _report(model, state: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _inference_model(model):
-    """The trained weights in a fresh, uncompiled model: what model.keras holds, outside the strategy.
+def _inference_model_bytes(model) -> bytes:
+    """model.keras for serving: the trained weights in a fresh, uncompiled model.
 
     Keras 3 has no `include_optimizer=False`: saving the training model would
     carry Adam's two moments (~44 MB instead of ~15). Checkpoints keep them for --resume.
@@ -381,12 +380,8 @@ def _inference_model(model):
 
     bare = build_model()
     bare.set_weights(model.get_weights())
-    return bare
-
-
-def _model_bytes(model) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        model.save(os.path.join(tmp, "model.keras"))
+        bare.save(os.path.join(tmp, "model.keras"))
         with open(os.path.join(tmp, "model.keras"), "rb") as f:
             return f.read()
 
@@ -399,10 +394,7 @@ def _write_test_predictions(scored: list[tuple], batch_paths: list[np.ndarray], 
     past the last one stepped (prefetch): those were not scored. Padding rows weigh 0
     and are left out.
     """
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from happysad import report, sources, storage
 
@@ -412,9 +404,7 @@ def _write_test_predictions(scored: list[tuple], batch_paths: list[np.ndarray], 
     real = weights > 0
     rows = {"path": paths[real].tolist(), "score": scores[real], "true_label": [sources.CLASSES[label] for label in labels[real]]}
     table = pa.table(rows, schema=report.WORKER_PREDICTIONS)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes(storage.join(output, report.WORKER_PREDICTIONS_DIR, f"rank-{rank}.parquet"), buffer.getvalue())
+    storage.write_parquet(storage.join(output, report.WORKER_PREDICTIONS_DIR, f"rank-{rank}.parquet"), table)
 
 
 def _replica_weight_hashes(model, strategy) -> list[int]:
