@@ -33,12 +33,14 @@ MEASURE = {
     "hashes": """
 import resource, time
 import numpy as np
+import pyarrow as pa
 from happysad import inputs, score
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
-score._retire_read_failed(OUT)
+paths = [f"s3://bucket/incoming/{i % 97:02d}/cam-{i % 1000:04d}/IMG_{i:09d}.jpg" for i in range(ROWS)]
+score._retire_read_failed(OUT, inputs.Inputs(pa.table({"path": paths}), [], 0))
 done = score._done_hashes(OUT)
-listing = inputs.path_hashes([f"s3://bucket/incoming/{i % 97:02d}/cam-{i % 1000:04d}/IMG_{i:09d}.jpg" for i in range(ROWS)])
+listing = inputs.path_hashes(paths)
 todo = int((~inputs.done_mask(done, listing)).sum())
 print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, todo, done.nbytes)
 """,

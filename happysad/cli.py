@@ -13,7 +13,7 @@ import sys
 from dataclasses import fields
 
 from happysad import console
-from happysad.storage import JobFailed, UsageError
+from happysad.storage import JobFailed, UsageError, expand_uri
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,8 +23,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the CNN on Ray (defaults: demo data, 1 local worker)")
-    p.add_argument("--data", action="append", help="folder or s3:// prefix (happy/ sad/ or .tar shards); repeatable")
-    p.add_argument("--output", help="run directory, local or s3:// (default a new runs/<UTC time>-<random>)")
+    p.add_argument("--data", type=expand_uri, action="append", help="folder or s3:// prefix (happy/ sad/ or .tar shards); repeatable")
+    p.add_argument("--output", type=expand_uri, help="run directory, local or s3:// (default a new runs/<UTC time>-<random>)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--one-per-node", action="store_true", help="put each worker on a different Ray node")
@@ -48,7 +48,7 @@ def _add_train(sub) -> None:
 
 def _add_make_data(sub) -> None:
     p = sub.add_parser("make-data", help="write the synthetic face set")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", type=expand_uri, required=True, help="folder to write")
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=0, help="write K WebDataset .tar shards instead of class folders")
@@ -56,9 +56,9 @@ def _add_make_data(sub) -> None:
 
 def _add_score(sub) -> None:
     p = sub.add_parser("score", help="score images to Parquet, one row per input")
-    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras by time)")
-    p.add_argument("--input", action="append", help="image file, folder, s3:// prefix or .tar/.tar.gz/.zip; repeatable")
-    p.add_argument("--output", help="folder or s3:// prefix for the Parquet files (required)")
+    p.add_argument("--model", type=expand_uri, help="a .keras file or run directory (default: newest runs/*/model.keras by time)")
+    p.add_argument("--input", type=expand_uri, action="append", help="image file, folder, s3:// prefix or .tar/.tar.gz/.zip; repeatable")
+    p.add_argument("--output", type=expand_uri, help="folder or s3:// prefix for the Parquet files (required)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call")
     p.add_argument("--concurrency", type=int, default=0, help="model replicas (default: from one, growing as nodes join)")
     p.add_argument("--gpu", action="store_true", help="one GPU per model replica; decoding runs on every CPU")
@@ -69,9 +69,9 @@ def _add_score(sub) -> None:
 
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="print path, label, score for a few images (no Ray)")
-    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras)")
+    p.add_argument("--model", type=expand_uri, help="a .keras file or run directory (default: newest runs/*/model.keras)")
     p.add_argument("--threshold", type=float, help="default: the model's model.json, else 0.5")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", type=expand_uri)
 
 
 def _predict(args) -> None:
@@ -96,24 +96,24 @@ def _predict(args) -> None:
 
 def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="write a Grad-CAM heat map PNG per image, with its score (no Ray)")
-    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras)")
-    p.add_argument("--out", required=True, help="folder for the PNGs, one per image")
+    p.add_argument("--model", type=expand_uri, help="a .keras file or run directory (default: newest runs/*/model.keras)")
+    p.add_argument("--out", type=expand_uri, required=True, help="folder for the PNGs, one per image")
     p.add_argument("--threshold", type=float, help="default: the model's model.json, else 0.5")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", type=expand_uri)
 
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a TensorFlow SavedModel (TF Serving) or a TFLite file")
-    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras)")
+    p.add_argument("--model", type=expand_uri, help="a .keras file or run directory (default: newest runs/*/model.keras)")
     p.add_argument("--format", choices=("savedmodel", "tflite"), default="savedmodel", help="default: savedmodel")
-    p.add_argument("--out", required=True, help="a new folder (savedmodel) or a file (tflite)")
+    p.add_argument("--out", type=expand_uri, required=True, help="a new folder (savedmodel) or a file (tflite)")
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score a labelled set: evaluation.json, predictions.parquet, report.html")
-    p.add_argument("--model", help="a .keras file or run directory (default: newest runs/*/model.keras)")
-    p.add_argument("--data", action="append", help="labelled folder or s3:// prefix (happy/ sad/ or .tar shards); repeatable")
-    p.add_argument("--output", help="folder or s3:// prefix for the three files (required)")
+    p.add_argument("--model", type=expand_uri, help="a .keras file or run directory (default: newest runs/*/model.keras)")
+    p.add_argument("--data", type=expand_uri, action="append", help="labelled folder or s3:// prefix (happy/ sad/ or .tar shards); repeatable")
+    p.add_argument("--output", type=expand_uri, help="folder or s3:// prefix for the three files (required)")
     p.add_argument("--threshold", type=float, help="score at or above it is 'sad' (default: the model's model.json, else 0.5)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call")
     p.add_argument("--concurrency", type=int, default=0, help="model replicas (default: from one, growing as nodes join)")

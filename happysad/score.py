@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from happysad import console, inputs, lock, progress, storage
+from happysad import console, gpus, inputs, lock, progress, storage
 from happysad.decode import DecodeError, decode_image
 from happysad.model import IMAGE_SIZE, check_model_file, file_digest
 from happysad.storage import UsageError
@@ -48,10 +48,19 @@ from happysad.storage import UsageError
 log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema(
-    [("path", pa.string()), ("score", pa.float32()), ("label", pa.string()), ("error", pa.string()), ("model", pa.string())]
+    [
+        ("path", pa.string()),
+        ("score", pa.float32()),
+        ("label", pa.string()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+        ("error_detail", pa.string()),
+    ]
 )
+RECORD = "_scoring.json"  # in --output: the model and threshold its rows were scored with (`_`: Parquet readers skip it)
 IN_FLIGHT_PER_CPU = 32 << 20  # object-store bytes in flight per cluster CPU while a compressed tar streams...
 IN_FLIGHT_FLOOR = 300 << 20  # ...and at least this (bench/archive_memory.py, 2 CPUs, 1 GB tar.gz: 23 s -> 35 s, reader 837 -> 352 MB)
+READERS_MIN = 4  # archive readers at once, at least; else two per CPU the cluster has at start
 BATCHES_PER_BLOCK = 4  # model batches per block of paths: blocks are the unit replicas and decode tasks take
 
 
@@ -139,9 +148,9 @@ def load_keras_model(uri: str):
 
 
 def decode_batch(batch: dict, max_bytes: int) -> dict:
-    """Read what is not read yet, decode: {path, image (n, 256, 256, 3) uint8, error}."""
+    """Read what is not read yet, decode: {path, image (n, 256, 256, 3) uint8, error, error_detail}."""
     batch = inputs.read_files(batch, max_bytes)
-    errors = batch["error"]
+    errors, details = batch["error"], batch["error_detail"]
     images = np.zeros((len(errors), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     for i, data in enumerate(batch["bytes"]):
         if errors[i]:
@@ -149,8 +158,10 @@ def decode_batch(batch: dict, max_bytes: int) -> dict:
         try:
             images[i] = decode_image(data)
         except DecodeError as exc:
-            errors[i] = exc.reason
-    return {"path": list(batch["path"]), "image": images, "error": errors}
+            errors[i], details[i] = exc.reason, inputs.describe(exc)
+        except Exception as exc:  # noqa: BLE001 - decode_image should raise only DecodeError; whatever else is this row's
+            errors[i], details[i] = "not_an_image", inputs.describe(exc)
+    return {"path": list(batch["path"]), "image": images, "error": errors, "error_detail": details}
 
 
 class Replica:
@@ -185,6 +196,7 @@ class Replica:
         if "image" not in batch:
             batch = decode_batch(batch, self.max_bytes)
         errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
+        details = [d if isinstance(d, str) and e else None for d, e in zip(batch["error_detail"], errors)]
         ok = np.array([e is None for e in errors], bool)
         scores = np.full(len(errors), np.nan, np.float32)
         if ok.any():
@@ -197,6 +209,7 @@ class Replica:
                 "label": pa.array(labels, pa.string(), mask=~ok),
                 "error": pa.array(errors, pa.string()),
                 "model": [self.model.id] * len(errors),
+                "error_detail": pa.array(details, pa.string()),
             },
             schema=SCHEMA,
         )
@@ -241,30 +254,40 @@ def _staged_rows(fs, staging_path: str) -> int:
 
 
 def _output_files(output: str) -> pads.Dataset | None:
+    """The output's Parquet files: `*.parquet` in the folder itself, not hidden (staging) or `_` (our record).
+    Anything else a user keeps there (a NOTES.txt) is left alone."""
     fs, root = storage.filesystem(output)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return None
-    dataset = pads.dataset(root, format="parquet", filesystem=fs, schema=SCHEMA)  # skips hidden staging
-    return dataset if dataset.files else None
+    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    files = [e.path for e in entries if e.is_file and e.base_name.endswith(".parquet") and e.base_name[0] not in "._"]
+    return pads.dataset(files, format="parquet", filesystem=fs, schema=SCHEMA) if files else None
 
 
-def _retire_read_failed(output: str) -> int:
-    """Rewrite each output file without its `read_failed` rows, so a rerun tries those inputs again."""
+def _retire_read_failed(output: str, found: inputs.Inputs) -> int:
+    """Rewrite each output file without the `read_failed` rows of this run's inputs, so they are tried again.
+    Rows of inputs this run does not list stay as they are."""
     dataset = _output_files(output)
     fs, _ = storage.filesystem(output)
+    listed = None  # hashes of this run's inputs, made only if some row failed to read
     retired = 0
     for fragment in dataset.get_fragments() if dataset else []:
         table = fragment.to_table(schema=SCHEMA)
-        failed = pc.fill_null(pc.equal(table["error"], "read_failed"), False)
-        count = pc.sum(failed).as_py() or 0
-        if not count:
+        failed = np.flatnonzero(pc.fill_null(pc.equal(table["error"], "read_failed"), False).to_numpy(zero_copy_only=False))
+        if not len(failed):
             continue
-        kept = table.filter(pc.invert(failed))
+        if listed is None:
+            listed = np.unique(inputs.path_hashes(found.files["path"].to_pylist() + [a.uri for a in found.archives]))
+        # A member's path is ARCHIVE#MEMBER, and a file's own `#` is escaped: the first `#` ends its input's path.
+        owners = [path.split("#", 1)[0] for path in table["path"].take(failed).to_pylist()]
+        retire = np.zeros(table.num_rows, bool)
+        retire[failed[inputs.done_mask(listed, inputs.path_hashes(owners))]] = True
+        if not retire.any():
+            continue
+        kept = table.filter(pa.array(~retire))
         if kept.num_rows:
             storage.write_parquet(storage.to_uri(fragment.path, output), kept)
         else:
             fs.delete_file(fragment.path)
-        retired += count
+        retired += int(retire.sum())
     return retired
 
 
@@ -273,6 +296,27 @@ def _done_hashes(output: str) -> np.ndarray:
     dataset = _output_files(output)
     chunks = [inputs.path_hashes(b.column(0).to_pylist()) for b in dataset.to_batches(columns=["path"])] if dataset else []
     return np.unique(np.concatenate(chunks)) if chunks else np.empty(0, np.uint64)
+
+
+def check_record(output: str, model: Model) -> None:
+    """Refuse to add rows of another model or threshold to an output; record them on its first run."""
+    uri = storage.join(output, RECORD)
+    mine = {"model": model.id, "threshold": model.threshold}
+    dataset = _output_files(output)
+    if dataset is None:  # no rows yet (a first run, or one that stopped before its first file): this run's record
+        theirs = None
+    elif storage.file_type(uri) == pafs.FileType.File:
+        theirs = json.loads(storage.read_bytes(uri))
+    else:  # an output written before the record existed: its rows name their model
+        ids = pc.unique(dataset.to_table(columns=["model"]).column(0)).to_pylist()
+        theirs = {"model": ids[0], "threshold": "unknown"} if ids and ids != [model.id] else None
+    if theirs is None:
+        storage.write_bytes(uri, json.dumps(mine | {"model_uri": model.uri}, indent=2).encode())
+    elif (theirs.get("model"), theirs.get("threshold")) != (model.id, model.threshold):
+        raise UsageError(
+            f"--output {output}: holds rows of model {theirs.get('model')} at threshold {theirs.get('threshold')}; this run's "
+            f"model {model.id} at threshold {model.threshold} would mix them in one output: choose another --output"
+        )
 
 
 def _summary(output: str) -> tuple[int, dict]:
@@ -351,12 +395,9 @@ def _pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.
     # is forever): a batch that kills every process it reaches fails the job instead of hanging it.
     node_loss_retries = 3
     parts = []
-    files = found.files.filter(pa.array(~inputs.done_mask(done, inputs.path_hashes(found.files["path"].to_pylist()))))
-    if files.num_rows:
-        parts.append(ray.data.from_arrow(_file_blocks(files, config)))
-    # An archive with a row of its own (`empty`) is done; one whose read failed had that row retired.
-    archives = [a for a in found.archives if not inputs.done_mask(done, inputs.path_hashes([a.uri]))[0]]
-    if archives:
+    if found.files.num_rows:
+        parts.append(ray.data.from_arrow(_file_blocks(found.files, config)))
+    if archives := found.archives:
         listed = ray.data.from_items([{"path": a.uri, "source": a.source} for a in archives], override_num_blocks=len(archives))
         done_ref = ray.put(done)  # one shared copy in the object store, not one per task
         parts.append(
@@ -370,6 +411,9 @@ def _pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.
                 # Reading is I/O (members are decoded by the replicas), and a reader that needed a CPU
                 # would never start while replicas hold every CPU (`--concurrency` = the cluster's CPUs).
                 num_cpus=0,
+                # ...so without a cap Ray would start a reader, each a Python process, for every archive
+                # that fits in memory at once: 300 archives started 38 workers on 2 cores.
+                compute=ray.data.TaskPoolStrategy(size=max(READERS_MIN, int(2 * ray.cluster_resources().get("CPU", 0)))),
                 runtime_env=worker_env,
                 max_retries=node_loss_retries,
             )
@@ -398,21 +442,32 @@ def _pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.
 
 
 
+def check_output(output: str) -> None:
+    if storage.file_type(output) == pafs.FileType.File:
+        raise UsageError(f"--output {output}: is a file; expected a folder or s3:// prefix for the Parquet files")
+
+
 def run(config: ScoreConfig) -> dict:
     """Score every input not yet in --output; print and return a summary."""
+    check_output(config.output)
     model = open_model(config.model, config.threshold)
     found = inputs.expand(list(config.inputs), config.output)
     started = time.perf_counter()
     with lock.held(storage.join(config.output, ".lock"), "--output", config.output):
         _finish_staged(config.output)
-        _retire_read_failed(config.output)
+        check_record(config.output, model)
+        _retire_read_failed(config.output, found)
         console.join_ray()
-        pipeline = build_pipeline(config, model, found, _done_hashes(config.output))
+        if config.gpu and (reason := gpus.gpu_unavailable_reason()):
+            raise UsageError(f"--gpu: {reason}")
+        done = _done_hashes(config.output)
+        todo = inputs.pending(found, done)
+        pipeline = build_pipeline(config, model, todo, done)
         new_rows = 0
         if pipeline is not None:
             staging = storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}")
             fs, staging_path = storage.filesystem(staging)
-            total = None if found.archives else found.files.num_rows  # archive members are counted as they stream
+            total = None if todo.archives else todo.files.num_rows  # archive members are counted as they stream
             with progress.reporting("scored", lambda: _staged_rows(fs, staging_path), total):
                 pipeline.write_parquet(staging_path, filesystem=fs, max_rows_per_file=config.rows_per_file)
             new_rows = _finish_staged(config.output)

@@ -74,7 +74,7 @@ def _labelled_one(uri: str, flag: str, shuffle_seed: int | None, max_bytes: int)
         parts.append(_class_folders(images, shuffle_seed, max_bytes))
     if shards:
         parts.append(_webdataset_shards(shards, shuffle_seed, max_bytes))
-    skipped = {reason: n for reason, n in (("hidden", hidden), ("no_label", unlabelled)) if n}
+    skipped = {reason: n for reason, n in (("hidden", len(hidden)), ("no_label", unlabelled)) if n}
     return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), skipped
 
 
@@ -82,17 +82,7 @@ def _class_folders(images: list[tuple[storage.Listed, str]], shuffle_seed: int |
     """Our own listing, read by Ray tasks: Ray's reader would drop `_` names and fail on non-UTF-8 ones."""
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(images)
-    table = pa.table(
-        {
-            "path": [item.uri for item, _ in images],
-            "source": [item.source for item, _ in images],
-            "size": [item.size for item, _ in images],
-            "offset": pa.array([inputs.WHOLE] * len(images), pa.int64()),
-            "bytes": pa.array([b""] * len(images), pa.binary()),
-            "error": pa.nulls(len(images), pa.string()),
-            "label": [label for _, label in images],
-        }
-    )
+    table = inputs.file_rows([item for item, _ in images]).append_column("label", pa.array([label for _, label in images]))
     ds = ray.data.from_arrow([table.slice(start, FILES_PER_BLOCK) for start in range(0, len(images), FILES_PER_BLOCK)])
     read = ds.map_batches(inputs.read_files, fn_kwargs={"max_bytes": max_bytes}, batch_size=FILES_PER_BLOCK)
     return read.select_columns(["path", "bytes", "label", "error"])
@@ -101,10 +91,10 @@ def _class_folders(images: list[tuple[storage.Listed, str]], shuffle_seed: int |
 def _webdataset_shards(shards: list[storage.Listed], shuffle_seed: int | None, max_bytes: int) -> ray.data.Dataset:
     """One read task per shard, streaming its members (Ray's WebDataset reader holds each member whole,
     however large): a member over --max-file-mb is `too_large` unread, a damaged shard `read_failed`."""
-    uris = [s.uri for s in shards]
+    items = [{"path": s.uri, "source": s.source} for s in shards]
     if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(uris)
-    listed = ray.data.from_items([{"path": u} for u in uris], override_num_blocks=len(uris))
+        random.Random(shuffle_seed).shuffle(items)
+    listed = ray.data.from_items(items, override_num_blocks=len(items))
     return listed.map_batches(read_shard, batch_size=1, fn_kwargs={"max_bytes": max_bytes}, batch_format="pyarrow")
 
 
@@ -114,10 +104,10 @@ _KEY_SUFFIX = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's split: 
 def read_shard(batch, max_bytes: int):
     """{path, bytes, label, error} rows, one per sample (consecutive members sharing a key), yielded in
     blocks of bounded size; damage that stops the shard adds one `read_failed` row for the shard."""
-    (uri,) = batch["path"].to_pylist()
+    (uri,), (source,) = batch["path"].to_pylist(), batch["source"].to_pylist()
     rows, size, key, members = [], 0, None, {}
     try:
-        for name, data, error, *_ in inputs.archive_members(uri.encode(), max_bytes):
+        for name, data, error, *_ in inputs.archive_members(source, max_bytes):
             match = _KEY_SUFFIX.match(name)
             member_key, suffix = match.groups() if match else (name, "")
             if member_key != key and members:
@@ -127,7 +117,7 @@ def read_shard(batch, max_bytes: int):
                     yield _rows_table(rows)
                     rows, size = [], 0
             key, members[suffix.lower()] = member_key, (suffix, data, error)
-    except inputs.MEMBER_ERRORS:
+    except Exception:  # noqa: BLE001 - whatever stops one shard is its row, never the job's
         rows.append({"path": uri, "bytes": b"", "label": None, "error": "read_failed"})
     if members:
         rows.append(_sample_row(uri, key, members))

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -116,7 +117,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         path = uri[len("s3://") :].rstrip("/")
         return s3_filesystem(bucket=path.split("/", 1)[0]), path
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.LocalFileSystem(), str(local_path(uri).resolve())
 
 
 def to_uri(path: str, like: str) -> str:
@@ -125,7 +126,18 @@ def to_uri(path: str, like: str) -> str:
 
 
 def join(uri: str, *parts: str) -> str:
-    return posixpath.join(uri, *parts) if is_s3(uri) else str(Path(uri, *parts))
+    return posixpath.join(uri, *parts) if is_s3(uri) else str(local_path(uri).joinpath(*parts))
+
+
+def local_path(uri: str) -> Path:
+    """A local path value as every function here reads it: `~` expanded, relative to the working folder."""
+    return Path(uri).expanduser().absolute()
+
+
+def expand_uri(uri: str) -> str:
+    """A command-line path or URI with a leading `~` expanded, as the shell does for `--output ~/x` but not for
+    `--output=~/x`: the whole program then sees one spelling. s3:// URIs as given."""
+    return uri if is_s3(uri) else os.path.expanduser(uri)
 
 
 def file_type(uri: str) -> pafs.FileType:
@@ -145,17 +157,21 @@ class Listed(NamedTuple):
 
 
 def display_path(raw: bytes) -> str:
-    """A file name as outputs write it: UTF-8 names as they are, other names percent-encoded.
+    """A name as outputs write it, one-to-one: `%`, `#` and every byte that is not UTF-8 become %XX.
 
-    In a name that is not valid UTF-8, every byte that does not decode and every
-    '%' is written as %XX, so `urllib.parse.unquote_to_bytes` gives the exact
-    bytes back. Arrow strings must be UTF-8; this keeps such files, losslessly.
+    Every other character is kept as it is. Escaping `%` whatever the name keeps two
+    names apart that would otherwise print alike (`caf%E9.jpg` in UTF-8 and `caf\xe9.jpg`
+    in Latin-1); escaping `#` keeps `#` free to join an archive and its member
+    (`a.tar%23x.jpg` is a file, `a.tar#x.jpg` a member). Arrow strings must be UTF-8;
+    `urllib.parse.unquote_to_bytes` gives the exact bytes back.
     """
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", "surrogateescape")
-        return "".join(f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else "%25" if c == "%" else c for c in text)
+    text = raw.decode("utf-8", "surrogateescape")
+    if text.isascii() and "%" not in text and "#" not in text:  # most names: nothing to escape
+        return text
+    return "".join(_ESCAPED.get(c) or (f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else c) for c in text)
+
+
+_ESCAPED = {"%": "%25", "#": "%23"}
 
 
 def local_source(uri: str) -> bytes:
@@ -163,18 +179,21 @@ def local_source(uri: str) -> bytes:
     return os.path.abspath(os.path.expanduser(os.fsencode(uri)))
 
 
-def list_files(uri: str) -> tuple[list[Listed], int]:
-    """(files under a folder or prefix, or the one file named, and the number of hidden files skipped).
+def list_files(uri: str, skip: str = "") -> tuple[list[Listed], list]:
+    """(files under a folder or prefix, or the one file named; the hidden files skipped, by name).
 
     Hidden means a name starting with '.' at any depth below `uri`. Nothing else
     is skipped: unlike Ray's listing, names starting with '_' are files like any other.
+    Files whose real location is `skip` or under it (links resolved) are left out.
+    A folder that cannot be read is listed as a file that cannot be opened.
     """
     if is_s3(uri):
-        return _list_s3(uri)
-    files, hidden = [], 0
-    for raw, size in _walk_local(local_source(uri)):
-        if raw is None:
-            hidden += 1
+        return _list_s3(uri, skip)
+    files, hidden = [], []
+    real_skip = os.path.realpath(local_source(skip)) if skip and not is_s3(skip) else None
+    for raw, size in _walk_local(local_source(uri), real_skip):
+        if size is None:
+            hidden.append(raw)
         else:
             files.append(Listed(display_path(raw), raw, size))
     return files, hidden
@@ -183,45 +202,74 @@ def list_files(uri: str) -> tuple[list[Listed], int]:
 NOT_A_FILE = -1  # the size of a listed entry that must not be opened: a FIFO, device, socket or link to a folder
 
 
-def _walk_local(path: bytes) -> Iterator[tuple[bytes | None, int]]:
-    """(raw path, size) of each entry under `path`; (None, 0) for each hidden one.
+def _walk_local(path: bytes, skip: bytes | None) -> Iterator[tuple[bytes, int | None]]:
+    """(raw path, size) of each entry under `path`; size None for each hidden one.
 
-    Links to folders are not followed (no cycles); they, and anything that is
-    not a regular file, are listed with size NOT_A_FILE so that they get an
-    error row instead of vanishing, and are never opened (a FIFO would block).
+    Links to folders are not followed (no cycles); they, anything that is not a
+    regular file, and folders that cannot be read are listed with size NOT_A_FILE,
+    so that they get an error row instead of vanishing, and are never opened (a
+    FIFO would block). Entries whose real path is `skip` or under it are left out:
+    since no folder link is followed, a real path is its folder's plus its name.
     """
     info = os.stat(path)
+    real = os.path.realpath(path)
+    if _under(real, skip):
+        return
     if not stat.S_ISDIR(info.st_mode):
         yield path, info.st_size if stat.S_ISREG(info.st_mode) else NOT_A_FILE
         return
-    stack = [(path, False)]
+    stack = [(path, real, False)]
     while stack:
-        folder, hidden = stack.pop()
-        with os.scandir(folder) as entries:
+        folder, real_folder, hidden = stack.pop()
+        try:
+            entries = os.scandir(folder)
+        except OSError:  # no permission, or gone: the folder gets a row of its own
+            yield folder, NOT_A_FILE
+            continue
+        with entries:
             for entry in entries:
+                real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_folder, entry.name)
                 inside = hidden or entry.name.startswith(b".")
+                if _under(real, skip):
+                    continue
                 if entry.is_dir(follow_symlinks=False):
-                    stack.append((entry.path, inside))
+                    stack.append((entry.path, real, inside))
                 elif inside:
-                    yield None, 0
+                    yield entry.path, None
                 else:
-                    yield entry.path, entry.stat().st_size if entry.is_file() else NOT_A_FILE
+                    yield entry.path, _entry_size(entry)
 
 
-def _list_s3(uri: str) -> tuple[list[Listed], int]:
+def _entry_size(entry: os.DirEntry) -> int:
+    try:
+        return entry.stat().st_size if entry.is_file() else NOT_A_FILE
+    except OSError:  # gone since the folder was read, or a link into a folder we may not enter
+        return NOT_A_FILE
+
+
+def _under(path: bytes, folder: bytes | None) -> bool:
+    return folder is not None and (path == folder or path.startswith(folder.rstrip(b"/") + b"/"))
+
+
+def s3_uri(path: str) -> str:
+    """The URI outputs name an S3 object by (`bucket/key` as pyarrow lists it), escaped as display_path does."""
+    return "s3://" + display_path(path.encode())
+
+
+def _list_s3(uri: str, skip: str) -> tuple[list[Listed], list]:
     fs, root = filesystem(uri)
     info = fs.get_file_info(root)
     if info.is_file:
-        return [Listed(uri, uri.encode(), info.size)], 0
-    files, hidden = [], 0
+        return [Listed(s3_uri(root), f"s3://{root}".encode(), info.size)], []
+    files, hidden = [], []
+    skip_prefix = skip.rstrip("/")[len("s3://") :] + "/" if is_s3(skip) else None
     for entry in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if not entry.is_file:
+        if not entry.is_file or (skip_prefix and (entry.path + "/").startswith(skip_prefix)):
             continue
         if _hidden(posixpath.relpath(entry.path, root)):
-            hidden += 1
+            hidden.append(entry.path)
         else:
-            full = f"s3://{entry.path}"
-            files.append(Listed(full, full.encode(), entry.size))
+            files.append(Listed(s3_uri(entry.path), f"s3://{entry.path}".encode(), entry.size))
     return files, hidden
 
 
@@ -230,8 +278,31 @@ def open_source(source: bytes, buffer_bytes: int = io.DEFAULT_BUFFER_SIZE):
     read is a ranged GET; `buffer_bytes` of read-ahead serve many small reads (headers) from one request."""
     if source.startswith(b"s3://"):
         fs, path = filesystem(source.decode())
-        return io.BufferedReader(_S3File(fs.open_input_file(path)), buffer_bytes)
+        try:
+            file = fs.open_input_file(path)
+        except pa.ArrowInvalid:  # a key pyarrow refuses (an empty path component: `a//b.jpg`), legal in S3
+            file = _BotoObject(path)
+        return io.BufferedReader(_S3File(file), buffer_bytes)
     return open(source, "rb", buffering=buffer_bytes)
+
+
+class _BotoObject:
+    """An S3 object read through boto3, with the three methods of pyarrow's file that _S3File uses."""
+
+    def __init__(self, path: str):
+        self._bucket, _, self._key = path.partition("/")
+        self._client = s3_client()
+        self._size = self._client.head_object(Bucket=self._bucket, Key=self._key)["ContentLength"]
+
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, size: int, position: int) -> bytes:
+        answer = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={position}-{position + size - 1}")
+        return answer["Body"].read()
+
+    def close(self) -> None:
+        pass
 
 
 # The AWS SDK files an error answer (503 SlowDown, 500) to a read smaller than that answer's XML body as a
@@ -290,14 +361,13 @@ class _S3File(io.RawIOBase):
         super().close()
 
 
-def version(source: bytes) -> tuple[int, float]:
-    """(size, modification time) of a `Listed.source`: tells a file rewritten in place from the one read before."""
+def version(source: bytes) -> str:
+    """What tells a file rewritten since it was listed: size, mtime and inode locally, the ETag on S3."""
     if source.startswith(b"s3://"):
-        fs, path = filesystem(source.decode())
-        info = fs.get_file_info(path)
-        return info.size, info.mtime.timestamp() if info.mtime else 0.0
-    stat_result = os.stat(source)
-    return stat_result.st_size, stat_result.st_mtime_ns
+        bucket, _, key = source.decode()[len("s3://") :].partition("/")
+        return s3_client().head_object(Bucket=bucket, Key=key)["ETag"]
+    info = os.stat(source)
+    return f"{info.st_size}:{info.st_mtime_ns}:{info.st_ino}"
 
 
 def list_dir(uri: str, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -326,7 +396,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as stream:
             stream.write(data)
         return
-    target = Path(uri)
+    target = local_path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:

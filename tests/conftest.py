@@ -266,6 +266,19 @@ def joined_node(ray_session, cpus: int = 1, name: str = "second_node"):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> Path:
+    """The seed CNN, untrained (seed 0), as a .keras file: what scoring tests score with."""
+    import keras
+
+    from happysad.model import build_model
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    build_model().save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def lambda_model(tmp_path_factory) -> tuple[Path, Path]:
     """A .keras file with a Lambda layer that would create a marker file if its code ever ran."""

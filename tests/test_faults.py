@@ -374,18 +374,6 @@ class PeakMemory:
         return by_name, summary
 
 
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    import keras
-
-    from happysad.model import build_model
-
-    keras.utils.set_random_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    build_model().save(path)
-    return path
-
-
 def test_bombs_and_hostile_archives_in_one_scoring_job(ray_session, model_file, bombs, tmp_path):
     """One scoring job over the bombs and every hostile archive: the documented row for each input, nothing
     written outside --output (a `../../x.jpg` member would land in the sandbox), and no process of the job,

@@ -19,7 +19,7 @@ import pytest
 from conftest import BUCKET, REPO, run_cli, upload_tree
 from happysad import storage, synth
 from happysad.decode import decode_image
-from happysad.model import build_model, load_model
+from happysad.model import load_model
 from happysad.score import ScoreConfig, run
 
 BAD = {"empty.jpg": (b"", "empty"), "notes.txt": (b"just text", "not_an_image")}
@@ -43,16 +43,6 @@ def good_images(n: int, seed: int = 21) -> dict[str, bytes]:
 def bad_images() -> dict[str, tuple[bytes, str]]:
     jpeg = synth.sample(5, 0).data if synth.sample(5, 0).extension == "jpg" else synth.sample(5, 2).data
     return BAD | {"cut.jpg": (jpeg[: len(jpeg) // 2], "truncated"), "bomb.png": (bomb_png(), "too_large")}
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory) -> Path:
-    import keras
-
-    keras.utils.set_random_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    build_model().save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

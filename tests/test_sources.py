@@ -109,14 +109,14 @@ def test_shard_members_over_the_limit_are_too_large_and_damage_keeps_what_came_b
             add_member(tar, f"{key}.jpg", data)
             add_member(tar, f"{key}.cls", label)
         add_member(tar, "d.cls", b"sad")  # a sample with no image
-    rows = [r for block in sources.read_shard(pa.table({"path": [str(shard)]}), 1 << 20) for r in block.to_pylist()]
+    rows = [r for block in sources.read_shard(pa.table({"path": [str(shard)], "source": [bytes(shard)]}), 1 << 20) for r in block.to_pylist()]
     assert [(r["path"].split("#")[1], r["label"], r["error"], len(r["bytes"])) for r in rows] == [
         ("a.jpg", "happy", None, len(face.data)), ("big.jpg", "sad", "too_large", 0),
         ("c.jpg", "happy", None, len(face.data)), ("d", "sad", None, 0),
     ]
     cut = tmp_path / "cut.tar"
     cut.write_bytes(shard.read_bytes()[: 3 * 512 + len(face.data) + 1000])  # inside the big member's data
-    rows = [r for block in sources.read_shard(pa.table({"path": [str(cut)]}), 64 << 20) for r in block.to_pylist()]
+    rows = [r for block in sources.read_shard(pa.table({"path": [str(cut)], "source": [bytes(cut)]}), 64 << 20) for r in block.to_pylist()]
     assert [(r["path"].split("#")[1], r["error"]) for r in rows] == [("a.jpg", None), ("big.jpg", "read_failed")]
 
 
