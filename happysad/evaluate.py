@@ -24,12 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from happysad import console, inputs, score, sources, storage
+from happysad.metrics import binary_metrics, curves, log_losses
 from happysad.storage import UsageError
 
-EPSILON = 1e-7  # Keras's clip for log loss: a score of exactly 0 or 1 costs a large, finite loss
 WORST = 16  # thumbnails of the highest-loss rows in the report
 LABELLED_ROWS = score.SCHEMA.append(pa.field("true_label", pa.string()))  # predictions and test_predictions.parquet
 
@@ -64,83 +63,6 @@ class EvaluateConfig:
             inputs=self.data, output=self.output, model=self.model, batch_size=self.batch_size,
             concurrency=self.concurrency, gpu=self.gpu, threshold=self.threshold, max_file_mb=self.max_file_mb,
         )
-
-
-# --- metrics: plain arrays in, no model, no Ray ------------------------------------------------
-
-
-def binary_metrics(scores: np.ndarray, sad: np.ndarray, threshold: float) -> dict:
-    """Accuracy, precision, recall, F1 (sad = positive) at `threshold`, rank AUC and log loss.
-
-    An undefined metric is None, with its reason under "undefined" (as training's metrics.json).
-    """
-    scores, sad = np.asarray(scores, np.float64), np.asarray(sad, bool)
-    predicted = scores >= threshold  # score's rule: at or above the threshold is sad
-    tp, fp = int(np.sum(predicted & sad)), int(np.sum(predicted & ~sad))
-    fn, tn = int(np.sum(~predicted & sad)), int(np.sum(~predicted & ~sad))
-    n, positives = len(scores), tp + fn
-    reasons = _undefined(n, positives, tp + fp)
-    values = {
-        "accuracy": (tp + tn) / n if n else None,
-        "precision": tp / (tp + fp) if tp + fp else None,
-        "recall": tp / positives if positives else None,
-        "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else None,
-        "auc": rank_auc(scores, sad) if 0 < positives < n else None,
-        "loss": float(np.mean(log_losses(scores, sad))) if n else None,
-    }
-    values = {k: None if k in reasons else v for k, v in values.items()}
-    matrix = {"labels": list(sources.CLASSES), "rows": "true", "columns": "predicted", "matrix": [[tn, fp], [fn, tp]]}
-    return {"n": n, "threshold": float(threshold), **values, "undefined": reasons, "confusion_matrix": matrix}
-
-
-def _undefined(n: int, sad: int, predicted_sad: int) -> dict:
-    if n == 0:
-        return dict.fromkeys(("accuracy", "precision", "recall", "f1", "auc", "loss"), "no labelled images scored")
-    reasons = {}
-    if sad in (0, n):
-        reasons["auc"] = "one class only"
-    if sad == 0:
-        reasons["recall"] = "no sad images"
-    if predicted_sad == 0:
-        reasons["precision"] = "no sad predictions"
-    if sad == 0 and predicted_sad == 0:
-        reasons["f1"] = "no sad images and no sad predictions"
-    return reasons
-
-
-def log_losses(scores: np.ndarray, sad: np.ndarray) -> np.ndarray:
-    """Binary cross-entropy per row, with Keras's clipping."""
-    p = np.clip(np.asarray(scores, np.float64), EPSILON, 1 - EPSILON)
-    return -np.where(sad, np.log(p), np.log(1 - p))
-
-
-def rank_auc(scores: np.ndarray, sad: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney U statistic: tied scores share their mean rank (count half)."""
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based mean rank of each tie group
-    positives = int(np.sum(sad))
-    negatives = len(scores) - positives
-    return float((ranks[sad].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def curves(scores: np.ndarray, sad: np.ndarray, threshold: float) -> dict:
-    """ROC (fpr, tpr) and precision-recall points at every distinct score, and the point at `threshold`."""
-    scores, sad = np.asarray(scores, np.float64), np.asarray(sad, bool)
-    if not len(scores) or sad.all() or not sad.any():
-        return {}
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], sad[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last row of each tie group: one point per score
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    positives, negatives = int(y.sum()), int((~y).sum())
-    predicted = scores >= threshold
-    at_tp, at_fp = int(np.sum(predicted & sad)), int(np.sum(predicted & ~sad))
-    return {
-        "fpr": np.r_[0, fp / negatives], "tpr": np.r_[0, tp / positives],
-        "recall": tp / positives, "precision": tp / (tp + fp), "base_rate": positives / len(s),
-        "at": {"fpr": at_fp / negatives, "tpr": at_tp / positives, "precision": at_tp / (at_tp + at_fp) if at_tp + at_fp else None},
-    }
 
 
 def worst_rows(table: pa.Table, k: int = WORST) -> list[dict]:
@@ -181,7 +103,7 @@ def evaluation(table: pa.Table, threshold: float, listing_skipped: dict) -> dict
     """evaluation.json's content from the predictions table."""
     rows = labelled_rows(table)
     sad = np.array(rows["true_label"].to_pylist()) == "sad"
-    result = binary_metrics(rows["score"].to_numpy().astype(np.float64), sad, threshold)
+    result = binary_metrics(rows["score"].to_numpy(), sad, threshold)
     counts = {c: int(np.sum(sad == (c == "sad"))) for c in sources.CLASSES}
     return result | {"counts": counts, "skipped": skipped_reasons(table, listing_skipped)}
 
@@ -321,7 +243,7 @@ def page_for(title: str, table: pa.Table, result: dict, open_labelled, model: sc
     sad = np.array(rows["true_label"].to_pylist()) == "sad"
     worst = thumbnails(open_labelled, worst_rows(table), model)
     return page.render(
-        title=title, metrics=result, curves=curves(rows["score"].to_numpy().astype(np.float64), sad, model.threshold),
+        title=title, metrics=result, curves=curves(rows["score"].to_numpy(), sad, model.threshold),
         worst=worst, **extra,
     )
 
@@ -360,31 +282,29 @@ def _summary_line(result: dict, output: str) -> str:
 # --- a training run's page ---------------------------------------------------------------------
 
 
-def merge_test_predictions(output: str, model: score.Model) -> pa.Table:
-    """The test rows every Train worker scored (report.WORKER_PREDICTIONS), as `predict` gives them, sorted by path.
-
-    Written to test_predictions.parquet in the run directory; the workers' own files are removed.
-    """
+def write_predictions(output: str, predictions: dict[str, pa.Table], model: score.Model) -> dict[str, pa.Table]:
+    """Each split's worker rows (report.WORKER_PREDICTIONS) as `predict` gives them, labelled at the model's
+    threshold, sorted by path: written to report.PREDICTIONS[split] in the run directory, then the workers'
+    own files are removed. Returns the written tables."""
     from happysad import report
 
-    fs, parts = storage.filesystem(storage.join(output, report.WORKER_PREDICTIONS_DIR))
-    try:
-        rows, merged = pq.read_table(parts, filesystem=fs, schema=report.WORKER_PREDICTIONS), True
-    except FileNotFoundError:  # no test split: no worker wrote any
-        rows, merged = report.WORKER_PREDICTIONS.empty_table(), False
-    n = rows.num_rows
-    table = pa.table(
-        {
-            "path": rows["path"], "score": rows["score"],
-            "label": score.decided_labels(rows["score"].to_numpy(), model.threshold), "error": pa.nulls(n, pa.string()),
+    written = {}
+    for split, rows in predictions.items():
+        n = rows.num_rows
+        given = {
+            "path": rows["path"], "score": rows["score"], "label": score.decided_labels(rows["score"].to_numpy(), model.threshold),
             "model": [model.id] * n, "true_label": rows["true_label"],
-        },
-        schema=LABELLED_ROWS,
-    ).sort_by("path")
-    storage.write_parquet(storage.join(output, report.TEST_PREDICTIONS), table)
-    if merged:  # last: until the merged file is written, the workers' files are the only copy
-        fs.delete_dir(parts)
-    return table
+        }
+        # Every row was scored: the error columns (and any other) are null.
+        columns = {field.name: given.get(field.name, pa.nulls(n, field.type)) for field in LABELLED_ROWS}
+        table = pa.table(columns, schema=LABELLED_ROWS).sort_by("path")
+        storage.write_parquet(storage.join(output, report.PREDICTIONS[split]), table)
+        written[split] = table
+    for split in predictions:  # last: until the merged files are written, the workers' files are the only copy
+        fs, parts = storage.filesystem(storage.join(output, report.WORKER_PREDICTIONS_DIRS[split]))
+        if fs.get_file_info(parts).type == pafs.FileType.Directory:
+            fs.delete_dir(parts)
+    return written
 
 
 def run_page(output: str, table: pa.Table, model: score.Model, metrics: dict, history: list[dict]) -> bytes:
@@ -395,9 +315,11 @@ def run_page(output: str, table: pa.Table, model: score.Model, metrics: dict, hi
     uris = list(config["data"]) or [str(synth.demo_data())]
     result = evaluation(table, model.threshold, {})
     info = {"data": uris, "config": config, "versions": versions(), "threshold": metrics.get("threshold"), "val": metrics.get("val")}
+    threshold = metrics.get("threshold") or {}
+    why = f" (validation could not choose one: {threshold['reason']}; 0.5 is the default)" if threshold.get("reason") else ""
     subtitle = (
         f"Run {output}: {metrics.get('epochs', len(history))} epochs. Below, the test split ({result['n']} images) "
-        f"as the trained model scored it, at its threshold {model.threshold:.3f}."
+        f"as the trained model scored it, at its threshold {model.threshold:.3f}{why}."
     )
     return page_for(
         "Training run report", table, result, lambda: sources.labelled_images(uris)[0], model,

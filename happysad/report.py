@@ -1,9 +1,13 @@
 """The run directory's files: model.keras, model.json, metrics.json, history.csv, curves.png, tensorboard/,
-test_predictions.parquet and report.html.
+val_predictions.parquet, test_predictions.parquet and report.html.
 
 A metric that is undefined (no rows, or one class only) is None here, null in
 JSON, an empty cell in history.csv, absent from curves and TensorBoard, and
 printed as `n/a (reason)`: never a 0 that looks measured.
+
+metrics.json's val and test metrics and the threshold come from the exact
+scores the workers wrote (`worker_predictions`), through `happysad.metrics`;
+the Keras metrics only make the per-epoch history and log line.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "ima
 METRICS = ("loss", "accuracy", "precision", "recall", "auc")
 # Fixed event file names: a resumed run replaces its files instead of adding a second copy of every scalar.
 TENSORBOARD_FILES = {"train": "train/events.out.tfevents.happysad", "val": "val/events.out.tfevents.happysad"}
-DEFAULT_THRESHOLD = 0.5  # kept when validation cannot choose one
-TEST_PREDICTIONS = "test_predictions.parquet"  # the test split as the trained model scored it: the report's rows
-WORKER_PREDICTIONS_DIR = ".test-predictions"  # each Train worker's part of them, merged by the driver, then removed
+# Each split as the trained model scored it in the last pass over it: val's rows choose the threshold, test's make the report.
+PREDICTIONS = {"val": "val_predictions.parquet", "test": "test_predictions.parquet"}
+# Each Train worker's part of them (rank-N.parquet), merged by the driver, then removed.
+WORKER_PREDICTIONS_DIRS = {"val": ".val-predictions", "test": ".test-predictions"}
 WORKER_PREDICTIONS = pa.schema([("path", pa.string()), ("score", pa.float32()), ("true_label", pa.string())])
 
 
 def defined_metrics(values: dict, split: str, happy: int, sad: int, predicted_sad: float) -> dict:
-    """A split's measured `values` with each undefined one set to None and its reason under "undefined".
+    """A split's measured `values` (the per-epoch Keras metrics) with each undefined one set to None and its
+    reason under "undefined".
 
     `happy`, `sad`: the split's real images per class; `predicted_sad`: how many it called sad.
     """
@@ -48,23 +54,22 @@ def defined_metrics(values: dict, split: str, happy: int, sad: int, predicted_sa
     return measured | {"n": happy + sad, "undefined": reasons}
 
 
-def choose_threshold(thresholds, tp, fp, fn, happy: int, sad: int) -> dict:
-    """The decision threshold with the best F1 (sad = positive) on validation, as metrics.json's "threshold".
+def worker_predictions(output: str, split: str) -> pa.Table:
+    """Every worker's rows of `split` (WORKER_PREDICTIONS: path, score, true_label), sorted by path; none: 0 rows."""
+    import pyarrow.parquet as pq
 
-    `tp`, `fp`, `fn`: weighted counts of the val rows scored above each of
-    `thresholds`. Among equally good thresholds (a plateau between the classes'
-    scores) the middle one is taken, not the edge. With no val split, or only
-    one class in it, F1 cannot choose: DEFAULT_THRESHOLD, and why.
-    """
-    if happy + sad == 0:
-        return {"value": DEFAULT_THRESHOLD, "chosen_on": None, "f1": None, "reason": "no val split"}
-    if happy == 0 or sad == 0:
-        return {"value": DEFAULT_THRESHOLD, "chosen_on": None, "f1": None, "reason": "one class only in the val split"}
-    tp, fp, fn = (np.asarray(a, np.float64) for a in (tp, fp, fn))
-    f1 = 2 * tp / (2 * tp + fp + fn)  # > 0 denominators: the val split holds sad images
-    tied = np.flatnonzero(f1 == f1.max())
-    best = tied[len(tied) // 2]
-    return {"value": float(np.clip(thresholds[best], 0.0, 1.0)), "chosen_on": "val", "f1": float(f1[best])}
+    fs, parts = storage.filesystem(storage.join(output, WORKER_PREDICTIONS_DIRS[split]))
+    try:
+        rows = pq.read_table(parts, filesystem=fs, schema=WORKER_PREDICTIONS)
+    except FileNotFoundError:  # an empty split: no worker wrote any
+        return WORKER_PREDICTIONS.empty_table()
+    return rows.sort_by("path")
+
+
+def scores_and_sad(rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 scores, bool sad) of prediction rows."""
+    scores = rows["score"].to_numpy().astype(np.float32, copy=False)
+    return scores, np.array(rows["true_label"].to_pylist()) == "sad"
 
 
 def model_json(threshold: float, classes, image_size: int) -> bytes:
@@ -141,8 +146,11 @@ def tensorboard_files(history: list[dict]) -> dict[str, bytes]:
 
 
 def write_run(
-    output: str, model_bytes: bytes, model_info: bytes, metrics: dict, history: list[dict], tensorboard: dict[str, bytes]
+    output: str, model_bytes: bytes, model_info: bytes, metrics: dict, history: list[dict], tensorboard: dict[str, bytes],
+    predictions: dict[str, pa.Table],
 ) -> None:
+    """Write the run directory; `predictions`: each split's worker rows (`worker_predictions`), which
+    metrics.json's numbers were computed from."""
     # model.json first: whoever finds model.keras also finds its threshold.
     storage.write_bytes(storage.join(output, "model.json"), model_info)
     storage.write_bytes(storage.join(output, "model.keras"), model_bytes)
@@ -153,7 +161,7 @@ def write_run(
         storage.write_bytes(storage.join(output, "tensorboard", name), data)
     from happysad import evaluate, score  # Ray and Keras in the driver only: workers import this module too
 
-    # Last: the workers' test predictions, labelled at the threshold in model.json written above, and the page of them.
+    # Last: the splits' predictions, labelled at the threshold in model.json written above, and the page of the test split.
     model = score.open_model(storage.join(output, "model.keras"))
-    predictions = evaluate.merge_test_predictions(output, model)
-    storage.write_bytes(storage.join(output, "report.html"), evaluate.run_page(output, predictions, model, metrics, history))
+    labelled = evaluate.write_predictions(output, predictions, model)
+    storage.write_bytes(storage.join(output, "report.html"), evaluate.run_page(output, labelled["test"], model, metrics, history))

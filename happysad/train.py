@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 
 from happysad import console, inputs, report, sources, storage, synth
 from happysad.decode import DecodeError, decode_image
+from happysad.metrics import binary_metrics, choose_threshold
 from happysad.model import IMAGE_SIZE
 from happysad.split import SPLITS, split_of
 from happysad.storage import UsageError
@@ -131,7 +132,8 @@ def decode_split(batch: dict, split: str, conflicts: list[str], seed: int, val_f
 
 
 def select_split(batch: dict, split: str, conflicts: list[str]) -> pa.Table:
-    """The usable rows of one split, each with weight 1; the test split's with their path (the report's rows).
+    """The usable rows of one split, each with weight 1; the val and test splits' with their path (their
+    scores are written with it: val's choose the threshold, test's are the report's rows).
 
     A table, not a dict of arrays: Ray cannot type a 0-row image array (a batch
     with no row of this split) and would store the column as pickled objects.
@@ -141,7 +143,7 @@ def select_split(batch: dict, split: str, conflicts: list[str]) -> pa.Table:
     keep = (np.asarray(batch["split"]) == split) & (np.asarray(batch["error"]) == "") & ~np.isin(batch["hash"], conflicts)
     image = ArrowTensorArray.from_numpy(np.asarray(batch["image"])[keep])
     columns = {"image": image, "label": np.asarray(batch["label"])[keep], "weight": np.ones(int(keep.sum()), np.float32)}
-    if split == "test":
+    if split in ("val", "test"):
         columns["path"] = pa.array(np.asarray(batch["path"])[keep].tolist(), pa.string())
     return pa.table(columns)
 
@@ -316,10 +318,15 @@ def _check_counts(config: TrainConfig, uris: list[str], counts: dict, skipped: C
         raise UsageError(f"--data {data}: no decodable labelled training images (skipped: {dict(skipped)})")
     if train < config.workers:
         raise UsageError(f"--workers {config.workers}: the train split has only {train} images, fewer than the workers")
-    totals = {c: sum(counts[s][c] for s in SPLITS) for c in sources.CLASSES}
-    missing = [c for c, n in totals.items() if n == 0]
+    # The train split is what the model learns from: one class there trains a constant model, whatever val and test hold.
+    missing = [c for c in sources.CLASSES if counts["train"][c] == 0]
     if missing and not config.allow_one_class:
-        raise UsageError(f"--data {data}: no usable {missing[0]} images, so nothing to tell apart (--allow-one-class trains anyway)")
+        elsewhere = sum(counts[s][missing[0]] for s in SPLITS)
+        where = f" ({elsewhere} in the val and test splits)" if elsewhere else ""
+        raise UsageError(
+            f"--data {data}: no usable {missing[0]} images in the train split{where}, so nothing to tell apart "
+            "(--allow-one-class trains anyway)"
+        )
 
 
 def _given_output(config: TrainConfig) -> str | None:
@@ -461,10 +468,20 @@ def run(config: TrainConfig) -> dict:
     storage.write_bytes(storage.join(output, "config.json"), json.dumps(record, indent=2).encode())
     loop_config = {"config": config, "rows": data.rows, "counts": data.counts, "output": output}
     returned = _fit(_trainer(config, output, data.datasets, loop_config), output)
+    # The threshold and the val and test metrics, from every real row's exact score (the workers' files).
+    predictions = {split: report.worker_predictions(output, split) for split in ("val", "test")}
+    threshold = choose_threshold(*report.scores_and_sad(predictions["val"]))
+    measured = {
+        split: binary_metrics(*report.scores_and_sad(rows), threshold["value"], empty=f"no {split} split")
+        for split, rows in predictions.items()
+    }
+    for split, result in measured.items():  # each real row once: a worker's missing or extra file would show here
+        if result["n"] != data.real[split]:
+            raise storage.JobFailed(f"the {split} split has {data.real[split]} images but {result['n']} scores were written")
     metrics = {
-        "val": returned["val"],
-        "test": returned["test"],
-        "threshold": returned["threshold"],
+        "val": measured["val"],
+        "test": measured["test"],
+        "threshold": threshold,
         "images_per_second": float(np.mean([r["images_per_second"] for r in returned["history"]])),
         "skipped": data.skipped,
         "counts": data.counts,
@@ -475,13 +492,14 @@ def run(config: TrainConfig) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "config": record,
     }
-    model_info = report.model_json(returned["threshold"]["value"], sources.CLASSES, IMAGE_SIZE)
+    model_info = report.model_json(threshold["value"], sources.CLASSES, IMAGE_SIZE)
     with console.native_stderr_hidden():  # TensorFlow's first device use here prints "failed call to cuInit"
-        report.write_run(output, returned["model"], model_info, metrics, returned["history"], returned["tensorboard"])
+        report.write_run(output, returned["model"], model_info, metrics, returned["history"], returned["tensorboard"], predictions)
     test = metrics["test"]
+    why = f" (default: {threshold['reason']})" if threshold.get("reason") else ""
     print(
         f"done: test accuracy {report.shown(test, 'accuracy')}  auc {report.shown(test, 'auc')}  (n={test['n']})  "
-        f"threshold {returned['threshold']['value']:.3f}  "
+        f"threshold {threshold['value']:.3f}{why}  "
         f"{metrics['images_per_second']:.1f} img/s  skipped {sum(data.skipped.values())}  run: {output}",
         flush=True,
     )

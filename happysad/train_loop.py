@@ -16,6 +16,13 @@ all-reduce an "I have a batch" flag and stop together as soon as any one is
 out, so different shard sizes can never leave one worker waiting in a
 collective. A collective stuck for another reason (a dead peer) fails after
 `collective_timeout_s` instead of hanging.
+
+Scores: the last val pass and the test pass keep every real row's exact score
+(padding weighs 0 and is left out) and each worker writes them to the run
+directory (`_write_predictions`). The driver merges them and computes the
+threshold and metrics.json's val and test metrics from them (`happysad.metrics`):
+the Keras metrics here, AUC's 1,000 buckets included, only make each epoch's
+history row and log line.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     import tensorflow as tf
 
     from happysad import console
-    from happysad.report import choose_threshold, defined_metrics, shown
+    from happysad.report import defined_metrics, shown
 
     config = loop_config["config"]
     rows = loop_config["rows"]  # rows per split, including weight-0 padding
@@ -87,9 +94,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         """A step that updates `metrics` and returns the batch's scores."""
         return tf.function(lambda batch: strategy.run(lambda b: forward(b, metrics, training=False)[1], args=(batch,)))
 
-    # The test split's paths are kept: its scores, from the test metrics' own pass, are the report's rows.
+    # The val and test splits' paths are kept: their scores, from their own passes, are written with them.
     inputs = {
-        split: WorkerInput(ray.train.get_dataset_shard(split), strategy, global_batch, keep_paths=split == "test")
+        split: WorkerInput(ray.train.get_dataset_shard(split), strategy, global_batch, keep_paths=split in ("val", "test"))
         for split in rows
     }
 
@@ -109,19 +116,26 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         predicted_sad = float(np.sum(precision.true_positives.numpy()) + np.sum(precision.false_positives.numpy()))
         return defined_metrics(values, split, **counts[split], predicted_sad=predicted_sad)
 
-    def validate() -> tuple[dict, dict]:
-        """Val metrics at 0.5, and the max-F1 threshold from the same pass.
+    def keeping_scores(step, scored: list):
+        """`step`, also keeping this worker's (scores, labels, weights) of each batch stepped."""
 
-        The AUC metric's counts are a 1,000-bin histogram of the scores per class,
-        summed over every worker's rows (padding weighs 0): the F1 of each candidate
-        threshold follows from them, with no scores gathered anywhere.
-        """
-        val = evaluate("val", val_step, val_metrics)
-        auc = val_metrics["auc"]
-        tp, fp, fn = (v.numpy() for v in (auc.true_positives, auc.false_positives, auc.false_negatives))
-        return val, choose_threshold(np.array(auc.thresholds), tp, fp, fn, **counts["val"])
+        def kept(batch):
+            local = strategy.experimental_local_results  # one replica per worker
+            scores = step(batch)
+            scored.append(tuple(local(x)[0].numpy().reshape(-1) for x in (scores, batch["label"], batch["weight"])))
+
+        return kept
+
+    def validate(write_scores: bool) -> dict:
+        """Val metrics at 0.5 for the history; with `write_scores`, this worker's val scores are written too."""
+        scored = []
+        val = evaluate("val", keeping_scores(val_step, scored) if write_scores else val_step, val_metrics)
+        if write_scores and rows["val"]:  # every rank or none
+            _write_predictions("val", scored, inputs["val"].paths, loop_config["output"], rank)
+        return val
 
     val_step = eval_step_for(val_metrics)
+    scores_written = False
     for epoch in range(state["epoch"], config.epochs):
         for metric in train_metrics.values():
             metric.reset_state()
@@ -132,9 +146,11 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         images = int(round(float(train_metrics["loss"].count.numpy())))
         row = {"epoch": epoch + 1, "images_per_second": images / seconds, "images": images}
         row |= {k: float(m.result()) for k, m in train_metrics.items() if k in ("loss", "accuracy")}
-        val, threshold = validate()
+        # The last epoch's val pass scores the final model: its scores choose the threshold (in the driver).
+        scores_written = epoch + 1 == config.epochs
+        val = validate(write_scores=scores_written)
         row |= {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
-        state = {"epoch": epoch + 1, "history": state["history"] + [row], "val": val, "threshold": threshold}
+        state = {"epoch": epoch + 1, "history": state["history"] + [row], "val": val}
         if rank == 0:
             console.say(
                 f"epoch {epoch + 1}/{config.epochs}  loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f}  "
@@ -142,22 +158,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
             )
         _report(model, state, rank)
 
-    if "threshold" not in state:  # a checkpoint from before thresholds were kept, and no epoch left to run
-        state["val"], state["threshold"] = validate()
-    # The test split is measured at the chosen threshold: the one `score` and `predict` will use.
-    with strategy.scope():
-        test_metrics = _metrics(keras, "test", state["threshold"]["value"])
-    test_scores = eval_step_for(test_metrics)
-    scored = []  # this worker's (scores, labels, weights) of each test batch stepped
-
-    def test_step(batch):
-        local = strategy.experimental_local_results  # one replica per worker
-        scores = test_scores(batch)
-        scored.append(tuple(local(x)[0].numpy().reshape(-1) for x in (scores, batch["label"], batch["weight"])))
-
-    test = evaluate("test", test_step, test_metrics) | {"threshold": state["threshold"]["value"]}
+    if not scores_written:  # no epoch left to run (a resumed, finished run): one val pass for the scores
+        validate(write_scores=True)
+    # The test split's scores; its metrics, at the threshold the val scores give, are computed in the driver.
     if rows["test"]:  # every rank or none
-        _write_test_predictions(scored, inputs["test"].paths, loop_config["output"], rank)
+        scored = []
+        run_epoch("test", keeping_scores(eval_step_for({}), scored), None)
+        _write_predictions("test", scored, inputs["test"].paths, loop_config["output"], rank)
     hashes = _replica_weight_hashes(model, strategy)
     if rank != 0:
         return None
@@ -165,9 +172,6 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
 
     return {
         "history": state["history"],
-        "val": state["val"],
-        "test": test,
-        "threshold": state["threshold"],
         "model": _inference_model_bytes(model),
         "tensorboard": tensorboard_files(state["history"]),
         "replica_weight_hashes": hashes,
@@ -325,7 +329,8 @@ class Lockstep:
 
 
 def _metrics(keras, prefix: str, threshold: float = 0.5) -> dict:
-    """Sum-on-read metrics; a score above `threshold` counts as sad. AUC's 1,000 thresholds also pick the threshold."""
+    """Sum-on-read metrics for the history and log lines; a score above `threshold` counts as sad (Keras's
+    rule); AUC on 1,000 buckets. metrics.json's numbers come from the exact scores instead (happysad.metrics)."""
     return {
         "loss": keras.metrics.Mean(name=f"{prefix}_loss"),
         "accuracy": keras.metrics.BinaryAccuracy(name=f"{prefix}_accuracy", threshold=threshold),
@@ -386,13 +391,13 @@ def _inference_model_bytes(model) -> bytes:
             return f.read()
 
 
-def _write_test_predictions(scored: list[tuple], batch_paths: list[np.ndarray], output: str, rank: int) -> None:
-    """This worker's test rows (path, score, true_label) as one Parquet file: the scores of the test metrics' pass.
+def _write_predictions(split: str, scored: list[tuple], batch_paths: list[np.ndarray], output: str, rank: int) -> None:
+    """This worker's rows of `split` (path, score, true_label) as one Parquet file: the scores of that split's pass.
 
-    The run's report is made of them (`evaluate.merge_test_predictions` gathers every
-    worker's file): nothing reads the data again. The epoch may have made batches
-    past the last one stepped (prefetch): those were not scored. Padding rows weigh 0
-    and are left out.
+    The driver merges every worker's file (`report.worker_predictions`): the threshold
+    and metrics.json's numbers come from them, and the report's rows; nothing reads the
+    data again. The epoch may have made batches past the last one stepped (prefetch):
+    those were not scored. Padding rows weigh 0 and are left out.
     """
     import pyarrow as pa
 
@@ -400,11 +405,11 @@ def _write_test_predictions(scored: list[tuple], batch_paths: list[np.ndarray], 
 
     scores, labels, weights = (np.concatenate(column) for column in zip(*scored))  # every worker steps >= 1 batch
     paths = np.concatenate(batch_paths[: len(scored)])
-    assert len(paths) == len(scores), "the test batches and their paths differ"
+    assert len(paths) == len(scores), f"the {split} batches and their paths differ"
     real = weights > 0
     rows = {"path": paths[real].tolist(), "score": scores[real], "true_label": [sources.CLASSES[label] for label in labels[real]]}
     table = pa.table(rows, schema=report.WORKER_PREDICTIONS)
-    storage.write_parquet(storage.join(output, report.WORKER_PREDICTIONS_DIR, f"rank-{rank}.parquet"), table)
+    storage.write_parquet(storage.join(output, report.WORKER_PREDICTIONS_DIRS[split], f"rank-{rank}.parquet"), table)
 
 
 def _replica_weight_hashes(model, strategy) -> list[int]:

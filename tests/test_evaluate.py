@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import BUCKET, REPO, run_cli, upload_tree
-from happysad import storage, synth
+from happysad import score, storage, synth
 from happysad.decode import decode_image
-from happysad.evaluate import EvaluateConfig, binary_metrics, run
+from happysad.evaluate import EvaluateConfig, run
 from happysad.model import build_model
 
 THRESHOLD = 0.47  # model.json's, deliberately not 0.5: evaluate must use the model's
@@ -78,7 +78,8 @@ def numpy_metrics(scores: np.ndarray, sad: np.ndarray, threshold: float) -> dict
 def test_metrics_equal_a_numpy_recomputation_from_the_parquet_rows(evaluated, labelled_set):
     result = json.loads((evaluated / "evaluation.json").read_text())
     table = pq.read_table(evaluated / "predictions.parquet")
-    assert table.column_names == ["path", "score", "label", "error", "model", "true_label"]
+    assert table.column_names == [*score.SCHEMA.names, "true_label"]  # score's columns, then true_label
+    assert table.column_names[:5] == ["path", "score", "label", "error", "model"]
     rows = table.to_pylist()
     files = {str(p) for p in labelled_set.glob("*/*") if not p.name.startswith(".")}
     assert {r["path"] for r in rows} == files  # one row per labelled file, the broken one included
@@ -99,24 +100,6 @@ def test_metrics_equal_a_numpy_recomputation_from_the_parquet_rows(evaluated, la
     assert result["confusion_matrix"]["matrix"] == [[int(v) for v in row] for row in expected["matrix"]]
     assert result["skipped"] == {"hidden": 1, "no_label": 1, "not_an_image": 1}
     assert result["counts"] == {"happy": int((~sad).sum()), "sad": int(sad.sum())}
-
-
-def test_undefined_metrics_are_null_with_a_reason():
-    only_happy = binary_metrics(np.array([0.1, 0.2, 0.3]), np.array([False, False, False]), 0.5)
-    shown = json.loads(json.dumps(only_happy))
-    assert shown["accuracy"] == 1.0
-    assert {k: shown[k] for k in ("auc", "recall", "precision", "f1")} == dict.fromkeys(("auc", "recall", "precision", "f1"))
-    assert shown["undefined"] == {
-        "auc": "one class only", "recall": "no sad images", "precision": "no sad predictions",
-        "f1": "no sad images and no sad predictions",
-    }
-    nothing = binary_metrics(np.array([]), np.array([], bool), 0.5)
-    assert nothing["loss"] is None and nothing["undefined"]["loss"] == "no labelled images scored"
-
-
-def test_ties_count_half_in_auc():
-    tied = binary_metrics(np.array([0.5, 0.5, 0.2, 0.9]), np.array([True, False, False, True]), 0.5)
-    assert tied["auc"] == pytest.approx(0.875)  # pairs: (0.5,0.5) half, (0.5,0.2) 1, (0.9,0.5) 1, (0.9,0.2) 1
 
 
 def test_both_placements_keep_true_label(labelled_set, run_dir):

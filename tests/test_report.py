@@ -1,12 +1,17 @@
-"""Run-directory files from plain rows, no Ray: undefined metrics are None / n/a, never a measured-looking 0; the threshold."""
+"""Run-directory files from plain rows, no Ray: undefined metrics are None / n/a, never a measured-looking 0; the workers' scores.
+
+The threshold's choice is tested in test_metrics.py."""
 
 import csv
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from happysad.report import (
-    METRICS, choose_threshold, curves_png, defined_metrics, history_csv, model_json, shown, tensorboard_scalars,
+    METRICS, WORKER_PREDICTIONS, WORKER_PREDICTIONS_DIRS, curves_png, defined_metrics, history_csv, model_json, scores_and_sad, shown,
+    tensorboard_scalars, worker_predictions,
 )
 
 MEASURED = {"loss": 0.5, "accuracy": 0.75, "precision": 0.0, "recall": 0.0, "auc": 0.0}
@@ -46,31 +51,20 @@ def test_undefined_values_are_empty_cells_and_absent_from_tensorboard():
     assert curves_png(HISTORY)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def confusion(thresholds, happy_scores, sad_scores):
-    """(tp, fp, fn) per threshold, a score above it counting as sad: what Keras' AUC metric accumulates."""
-    happy, sad = np.asarray(happy_scores)[:, None], np.asarray(sad_scores)[:, None]
-    return (sad > thresholds).sum(0), (happy > thresholds).sum(0), (sad <= thresholds).sum(0)
-
-
-def test_threshold_is_the_best_f1_and_the_middle_of_a_tie():
-    grid = np.linspace(0, 1, 11)
-    # One sad image scores below a happy one: F1 is 0.75 keeping it (t 0.1-0.2), 0.8 giving it up (t 0.4-0.7).
-    happy, sad = [0.05, 0.25, 0.35], [0.3, 0.75, 0.95]
-    chosen = choose_threshold(grid, *confusion(grid, happy, sad), happy=3, sad=3)
-    f1 = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in zip(*confusion(grid, happy, sad))]
-    assert chosen == {"value": grid[6], "chosen_on": "val", "f1": max(f1)} and max(f1) == 0.8
-    # Perfectly separated: F1 is 1 from 0.4 to 0.7; the middle, not the edge next to a class.
-    separated = choose_threshold(grid, *confusion(grid, [0.1, 0.3, 0.35], [0.71, 0.8, 0.9]), happy=3, sad=3)
-    assert separated["f1"] == 1.0 and separated["value"] == grid[6]
-
-
-def test_threshold_stays_half_without_a_usable_val_split():
-    grid = np.linspace(0, 1, 11)
-    counts = confusion(grid, [0.1, 0.2], [])
-    assert choose_threshold(grid, *counts, happy=2, sad=0) == {
-        "value": 0.5, "chosen_on": None, "f1": None, "reason": "one class only in the val split"
-    }
-    assert choose_threshold(grid, *confusion(grid, [], []), happy=0, sad=0)["reason"] == "no val split"
+def test_worker_predictions_are_merged_sorted_and_empty_when_none_were_written(tmp_path):
+    """Each worker's rows of a split, one file per rank, read back as one table; the split that no worker
+    wrote (an empty split) is 0 rows, not an error."""
+    for rank, rows in enumerate([[("b.png", 0.75, "sad"), ("d.png", 0.125, "happy")], [("a.png", 0.5, "happy")]]):
+        table = pa.table(dict(zip(("path", "score", "true_label"), map(list, zip(*rows)))), schema=WORKER_PREDICTIONS)
+        folder = tmp_path / WORKER_PREDICTIONS_DIRS["val"]
+        folder.mkdir(exist_ok=True)
+        pq.write_table(table, folder / f"rank-{rank}.parquet")
+    merged = worker_predictions(str(tmp_path), "val")
+    assert merged.schema == WORKER_PREDICTIONS and merged["path"].to_pylist() == ["a.png", "b.png", "d.png"]
+    scores, sad = scores_and_sad(merged)
+    assert scores.dtype == np.float32 and scores.tolist() == [0.5, 0.75, 0.125] and sad.tolist() == [False, True, False]
+    empty = worker_predictions(str(tmp_path), "test")
+    assert empty.num_rows == 0 and [len(a) for a in scores_and_sad(empty)] == [0, 0]
 
 
 def test_model_json_names_threshold_classes_and_size():

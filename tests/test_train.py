@@ -20,6 +20,7 @@ from conftest import BUCKET, REPO, run_cli, upload_tree, wait_for_registered_che
 from happysad import sources, storage, synth
 from happysad.cli import _config, build_parser
 from happysad.decode import decode_image
+from happysad.metrics import binary_metrics, choose_threshold
 from happysad.model import build_model
 from happysad.report import METRICS
 from happysad.score import open_model
@@ -98,11 +99,11 @@ def f1(predicted: np.ndarray, y: np.ndarray) -> float:
 def numpy_metrics(model, data_root: Path, split: str, seed: int = 0, threshold: float = 0.5) -> dict:
     """A split's metrics recomputed with numpy from the saved model and the files on disk.
 
-    Above the threshold is sad, as in Keras' metrics (`score` says at or above: the same but for a tie).
+    At or above the threshold is sad, compared in float32, as `score` labels (the model's scores are float32).
     """
     images, y = split_images(data_root, split, seed)
     p = scores(model, images)
-    predicted = p > threshold
+    predicted = p.astype(np.float32) >= np.float32(threshold)
     clipped = np.clip(p, 1e-7, 1 - 1e-7)
     return {
         "n": len(y),
@@ -144,7 +145,15 @@ def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_sess
     images = np.stack([decode_image(local[path].read_bytes()) for path in paths])
     np.testing.assert_allclose(test_rows["score"].to_numpy(), scores(model, images), rtol=0, atol=1e-5)
     assert test_rows["true_label"].to_pylist() == [local[path].parent.name for path in paths]
-    assert not [k["Key"] for k in s3.list_objects_v2(Bucket=BUCKET, Prefix="runs/two-workers/.test-predictions").get("Contents", [])]
+    for left in (".test-predictions", ".val-predictions"):
+        assert not [k["Key"] for k in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/two-workers/{left}").get("Contents", [])]
+    # metrics.json's test AUC is the exact one of these rows: every (sad, happy) pair, a tie counting half (not
+    # Keras's AUC on 1,000 buckets, which once said 0.5 where these rows said 0.25).
+    test_scores, test_sad = test_rows["score"].to_numpy(), np.array(test_rows["true_label"].to_pylist()) == "sad"
+    assert 0 < test_sad.sum() < len(test_sad)  # seed 5: 5 happy, 3 sad
+    pairs = test_scores[test_sad][:, None].astype(np.float64) - test_scores[~test_sad][None, :]
+    assert metrics["test"]["auc"] == pytest.approx(np.mean((pairs > 0) + 0.5 * (pairs == 0)), abs=1e-12)
+    assert metrics["test"] == json.loads(json.dumps(binary_metrics(test_scores, test_sad, metrics["threshold"]["value"])))
 
     history = storage.read_bytes(f"{output}/history.csv").decode().splitlines()
     assert history[0].startswith("epoch,loss,accuracy,val_loss,val_accuracy") and len(history) == 3
@@ -158,14 +167,21 @@ def test_two_workers_uneven_data_on_s3_stay_in_sync_with_global_metrics(ray_sess
 
 
 def check_threshold(metrics: dict, output: str, model, data: Path, seed: int) -> None:
-    """The threshold the workers chose from their summed score histograms is the best F1 over every val score."""
+    """The threshold and the val metrics follow from val_predictions.parquet alone (the workers' exact scores of
+    the last val pass, which are the saved model's scores of the val images); a chosen threshold splits the
+    val scores (never a constant call); model.json holds it."""
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/val_predictions.parquet")))
+    val_scores, val_sad = rows["score"].to_numpy(), np.array(rows["true_label"].to_pylist()) == "sad"
     threshold = metrics["threshold"]
-    assert threshold["chosen_on"] == "val" and 0 <= threshold["value"] <= 1, threshold
+    assert threshold == json.loads(json.dumps(choose_threshold(val_scores, val_sad)))
+    assert metrics["val"] == json.loads(json.dumps(binary_metrics(val_scores, val_sad, threshold["value"])))
     images, y = split_images(data, "val", seed)
-    p = scores(model, images)
-    candidates = np.arange(1, 999) / 999  # Keras' AUC thresholds, less the two outside [0, 1]
-    assert threshold["f1"] == pytest.approx(max(f1(p > t, y) for t in candidates), abs=1e-6)
-    assert f1(p >= threshold["value"], y) == pytest.approx(threshold["f1"], abs=1e-6)  # as `score` labels
+    assert sorted(val_scores.tolist()) == pytest.approx(sorted(scores(model, images).tolist()), abs=1e-5)
+    assert sorted(val_sad.tolist()) == sorted((y == 1).tolist())
+    if threshold["chosen_on"] == "val":
+        assert val_scores.min() < threshold["value"] <= val_scores.max(), threshold
+    else:  # 2 epochs on 29 images: the val scores may not rank sad above happy
+        assert threshold["value"] == 0.5 and threshold["reason"].startswith("val AUC"), threshold
     info = json.loads(storage.read_bytes(f"{output}/model.json"))
     assert info == {"threshold": threshold["value"], "classes": ["happy", "sad"], "image_size": 256}
     assert open_model(output).threshold == threshold["value"]
@@ -256,6 +272,9 @@ def test_undefined_metrics_are_null_absent_and_shown_as_na(ray_session, tiny_fol
     assert saved["test"]["auc"] is None and saved["test"]["undefined"]["auc"] == "one class only"
     assert saved["test"]["recall"] is None and saved["test"]["undefined"]["recall"] == "no sad images"
     assert saved["test"]["accuracy"] in (0.0, 1.0) and saved["test"]["loss"] > 0 and saved["test"]["n"] == 1
+    assert saved["threshold"] == {
+        "value": 0.5, "chosen_on": None, "f1": None, "youden_j": None, "auc": None, "reason": "no val split",
+    }
 
     (row,) = csv.DictReader((output / "history.csv").read_text().splitlines())
     assert row["val_loss"] == row["val_accuracy"] == "" and float(row["loss"]) > 0
@@ -263,6 +282,7 @@ def test_undefined_metrics_are_null_absent_and_shown_as_na(ray_session, tiny_fol
     assert scalars["val"] == [] and ("epoch/loss", 1) in scalars["train"]
     out = capsys.readouterr().out
     assert "auc n/a (one class only)" in out and "auc 0.0000" not in out
+    assert "threshold 0.500 (default: no val split)" in out
 
 
 def test_one_class_data_is_refused_unless_allowed(ray_session, tiny_folders, tmp_path):
@@ -273,6 +293,27 @@ def test_one_class_data_is_refused_unless_allowed(ray_session, tiny_folders, tmp
     allowed = _config(TrainConfig, build_parser().parse_args(["train", "--data", str(data), "--allow-one-class"]))
     prepared = prepare_datasets(allowed, [str(data)])
     assert [sum(prepared.counts[s][c] for s in prepared.counts) for c in ("happy", "sad")] == [12, 0]
+
+
+def test_a_train_split_of_one_class_is_refused_though_val_and_test_hold_both(ray_session, tmp_path):
+    """24 happy images and 8 sad ones that all hash into val or test: the old guard counted the whole data set,
+    found both classes and trained a constant "happy" model."""
+    made = synth.make_data(tmp_path / "made", n=80, seed=21)
+    data = tmp_path / "data"
+    sad = [p for p in sorted((made / "sad").iterdir()) if split_of(p.read_bytes()) != "train"][:8]
+    for path in sorted((made / "happy").iterdir())[:24] + sad:
+        (data / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, data / path.parent.name / path.name)
+    assert len(sad) == 8
+    output = tmp_path / "run"
+    result = run_cli("train", "--data", str(data), "--output", str(output), "--epochs", "1", "--batch-size", "8", timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0] == (
+        f"happysad train: error: --data {data}: no usable sad images in the train split (8 in the val and test splits), "
+        "so nothing to tell apart (--allow-one-class trains anyway)"
+    )
+    assert not output.exists()
 
 
 def test_train_split_smaller_than_the_workers_is_refused(ray_session, tiny_folders, tmp_path):
