@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from happysad import console, inputs, score, sources, storage
+from happysad import console, gpus, inputs, score, sources, storage
 from happysad.metrics import binary_metrics, curves, log_losses
 from happysad.storage import UsageError
 
@@ -254,6 +254,7 @@ def run(config: EvaluateConfig) -> dict:
     if storage.file_type(config.output) == pafs.FileType.File:
         raise UsageError(f"--output {config.output}: is a file; give a folder")
     console.join_ray()  # read tasks and replicas reach the same S3 endpoint as this process
+    gpus.refuse_unless_one_can_come(config.gpu)
     labelled, listing_skipped = sources.labelled_images(list(config.data), flag="--data", max_file_mb=config.max_file_mb)
     table = predict(labelled, model, config.scoring())
     storage.write_parquet(storage.join(config.output, "predictions.parquet"), table)

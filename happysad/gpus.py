@@ -15,6 +15,14 @@ import time
 
 import ray
 
+from happysad.storage import UsageError
+
+
+def refuse_unless_one_can_come(gpu: bool) -> None:
+    """With --gpu, a usage error (exit 2, one line) when no GPU can ever come; see gpu_unavailable_reason."""
+    if gpu and (reason := gpu_unavailable_reason()):
+        raise UsageError(f"--gpu: {reason}")
+
 
 def gpu_unavailable_reason(wait_s: float = 15.0) -> str | None:
     """Call after ray.init(). None if a live node has a GPU, or if an autoscaler may add one (then it says once,

@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from happysad import console, gpus, inputs, lock, progress, storage
+from happysad import console, gpus, inputs, lock, metrics, progress, storage
 from happysad.decode import DecodeError, decode_image
 from happysad.model import IMAGE_SIZE, check_model_file, file_digest
 from happysad.storage import UsageError
@@ -216,8 +216,8 @@ class Replica:
 
 
 def decided_labels(scores: np.ndarray | float, threshold: float) -> np.ndarray:
-    """The label of each score: at or above the threshold is sad (one score: a 0-d array, str() of it is the label)."""
-    return np.where(scores >= threshold, "sad", "happy")
+    """The label of each score by the one rule (metrics.called_sad); one score: a 0-d array, str() of it is the label."""
+    return np.where(metrics.called_sad(scores, threshold), "sad", "happy")
 
 
 # --- output folder: staging, resume, summary -------------------------------------------------
@@ -458,8 +458,7 @@ def run(config: ScoreConfig) -> dict:
         check_record(config.output, model)
         _retire_read_failed(config.output, found)
         console.join_ray()
-        if config.gpu and (reason := gpus.gpu_unavailable_reason()):
-            raise UsageError(f"--gpu: {reason}")
+        gpus.refuse_unless_one_can_come(config.gpu)
         done = _done_hashes(config.output)
         todo = inputs.pending(found, done)
         pipeline = build_pipeline(config, model, todo, done)

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from happysad import console, inputs, report, sources, storage, synth
+from happysad import console, gpus, inputs, report, sources, storage, synth
 from happysad.decode import DecodeError, decode_image
 from happysad.metrics import binary_metrics, choose_threshold
 from happysad.model import IMAGE_SIZE
@@ -461,6 +461,7 @@ def run(config: TrainConfig) -> dict:
     uris = list(config.data) or [str(synth.demo_data())]
     started = time.perf_counter()
     console.join_ray()
+    gpus.refuse_unless_one_can_come(config.gpu)
     data = prepare_datasets(config, uris)
     log.info("data: %s; skipped: %s", data.counts, data.skipped or "none")
     output = output or _new_run_dir()  # made only now: a run refused for its input leaves no empty folder

@@ -291,7 +291,7 @@ def test_an_s3_key_with_an_empty_path_component_is_read(s3):
     assert read["bytes"] == [JPEG, JPEG] and read["error"] == [None, None]
 
 
-def test_an_output_that_is_a_file_or_gpu_that_cannot_come_exits_2_with_one_line(ray_session, model_file, tmp_path):
+def test_an_output_that_is_a_file_or_gpu_that_cannot_come_exits_2_with_one_line(ray_session, model_file, tiny_folders, tmp_path):
     taken = tmp_path / "taken.parquet"
     taken.write_bytes(b"x")
     started = time.monotonic()
@@ -308,3 +308,6 @@ def test_an_output_that_is_a_file_or_gpu_that_cannot_come_exits_2_with_one_line(
     )
     assert job.returncode == 2, job.stderr[-2000:]
     assert job.stderr.strip().splitlines()[-1].startswith("happysad score: error: --gpu: no node of this cluster has a GPU")
+    train = run_cli("train", "--data", str(tiny_folders), "--output", str(tmp_path / "run"), "--gpu", "--epochs", "1", timeout=180)
+    assert train.returncode == 2, train.stderr[-2000:]
+    assert train.stderr.strip().splitlines()[-1].startswith("happysad train: error: --gpu: no node of this cluster has a GPU")

@@ -100,14 +100,16 @@ def test_one_row_per_input_with_errors_and_parity(ray_session, model_file, mixed
     os.umask(umask)
     assert {f.stat().st_mode & 0o777 for f in Path(output).glob("*.parquet")} == {0o666 & ~umask}  # shareable, as umask says
     assert [(f.name, str(f.type)) for f in schema] == [
-        ("path", "string"), ("score", "float"), ("label", "string"), ("error", "string"), ("model", "string")
+        ("path", "string"), ("score", "float"), ("label", "string"), ("error", "string"), ("model", "string"),
+        ("error_detail", "string"),
     ]
     for row in rows:
         assert row["model"] == model_id
         assert row["error"] == expected[row["path"]], row["path"]
         if row["error"]:
-            assert row["score"] is None and row["label"] is None
+            assert row["score"] is None and row["label"] is None and row["error_detail"]
             continue
+        assert row["error_detail"] is None
         assert row["label"] == ("sad" if row["score"] >= 0.5 else "happy")
         if "#" not in row["path"]:
             direct = float(model(decode_image(Path(row["path"]).read_bytes())[None], training=False)[0, 0])
