@@ -16,21 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from happysad import console, gpus, inputs, score, sources, storage
-from happysad.metrics import binary_metrics, curves, log_losses
+from happysad import console, gpus, inputs, report, score, sources, storage
+from happysad.metrics import shown
+from happysad.predictions import LABELLED_ROWS, evaluation
 from happysad.storage import UsageError
-
-WORST = 16  # thumbnails of the highest-loss rows in the report
-LABELLED_ROWS = score.SCHEMA.append(pa.field("true_label", pa.string()))  # predictions and test_predictions.parquet
 
 
 @dataclass(frozen=True)
@@ -63,49 +57,6 @@ class EvaluateConfig:
             inputs=self.data, output=self.output, model=self.model, batch_size=self.batch_size,
             concurrency=self.concurrency, gpu=self.gpu, threshold=self.threshold, max_file_mb=self.max_file_mb,
         )
-
-
-def worst_rows(table: pa.Table, k: int = WORST) -> list[dict]:
-    """The k worst errors (highest loss first); with fewer than k errors, the highest-loss correct rows follow.
-
-    Errors come first even when a correct call near the threshold has the higher loss: the
-    page is for seeing what the model gets wrong. Each row says whether it is an error.
-    """
-    rows = labelled_rows(table)
-    if not rows.num_rows:
-        return []
-    scores = rows["score"].to_numpy().astype(np.float64)
-    sad = np.array(rows["true_label"].to_pylist()) == "sad"
-    losses = log_losses(scores, sad)
-    wrong = np.array(rows["label"].to_pylist()) != np.array(rows["true_label"].to_pylist())
-    top = np.lexsort((-losses, ~wrong))[:k]  # errors first, then by loss, highest first
-    picked = rows.take(pa.array(top)).to_pylist()
-    return [r | {"loss": float(losses[i]), "wrong": r["label"] != r["true_label"]} for r, i in zip(picked, top)]
-
-
-def labelled_rows(table: pa.Table) -> pa.Table:
-    """Rows that count toward the metrics: scored (no error) and labelled happy or sad."""
-    keep = pc.and_(pc.is_valid(table["score"]), pc.is_in(table["true_label"], pa.array(sources.CLASSES)))
-    return table.filter(pc.fill_null(keep, False))
-
-
-def skipped_reasons(table: pa.Table, listing_skipped: dict) -> dict:
-    """Inputs that count toward no metric, by reason: listing skips, read/decode errors, no label."""
-    skipped = Counter(listing_skipped)
-    skipped.update(e for e in table["error"].to_pylist() if e)
-    labelled = pc.fill_null(pc.is_in(table["true_label"], pa.array(sources.CLASSES)), False)
-    unlabelled = pc.and_(pc.is_null(table["error"]), pc.invert(labelled))
-    skipped["no_label"] += pc.sum(pc.cast(unlabelled, pa.int64())).as_py() or 0
-    return {k: v for k, v in sorted(skipped.items()) if v}
-
-
-def evaluation(table: pa.Table, threshold: float, listing_skipped: dict) -> dict:
-    """evaluation.json's content from the predictions table."""
-    rows = labelled_rows(table)
-    sad = np.array(rows["true_label"].to_pylist()) == "sad"
-    result = binary_metrics(rows["score"].to_numpy(), sad, threshold)
-    counts = {c: int(np.sum(sad == (c == "sad"))) for c in sources.CLASSES}
-    return result | {"counts": counts, "skipped": skipped_reasons(table, listing_skipped)}
 
 
 # --- scoring on Ray ------------------------------------------------------------------------------
@@ -167,87 +118,6 @@ def predict(labelled, model: score.Model, config: score.ScoreConfig) -> pa.Table
     return table.sort_by("path")
 
 
-def fetch_images(open_labelled, paths: list[str]) -> dict[str, bytes]:
-    """The bytes of a few rows, read again (predictions keep no bytes).
-
-    A file is read directly; a shard member (`SHARD#MEMBER`), or a name that cannot be
-    opened as written, is found by one more pass over the labelled dataset, which
-    `open_labelled()` makes only then (listing a large set is not free).
-    """
-    found = {}
-    for path in paths:
-        if "#" not in path:
-            try:
-                found[path] = storage.read_bytes(path)
-            except OSError:
-                continue
-    missing = [p for p in paths if p not in found]
-    return found | (_scan_for(open_labelled(), missing) if missing else {})
-
-
-def _scan_for(labelled, paths: list[str]) -> dict[str, bytes]:
-    wanted = set(paths)  # a few paths: small enough to travel with each task
-
-    def keep(batch: pa.Table, wanted) -> pa.Table:
-        mask = pa.array([p in wanted for p in batch["path"].to_pylist()], pa.bool_())
-        return batch.select(["path", "bytes"]).filter(mask)
-
-    found = labelled.map_batches(keep, fn_kwargs={"wanted": wanted}, batch_format="pyarrow")
-    return {row["path"]: row["bytes"] for row in found.take_all()}
-
-
-# --- the report page -------------------------------------------------------------------------------
-
-
-def thumbnails(open_labelled, worst: list[dict], model: score.Model) -> list[dict]:
-    """Each worst row with a PNG: the face beside its Grad-CAM heat map (for the label the model gave)."""
-    import cv2
-
-    from happysad import explain
-    from happysad.decode import decode_image
-
-    if not worst:
-        return []
-    images = fetch_images(open_labelled, [r["path"] for r in worst])
-    keras_model = score.load_keras_model(model.uri)
-    view = explain.cam_model(keras_model)
-    out = []
-    for row in worst:
-        image = decode_image(images[row["path"]])
-        heat, _ = explain.grad_cam(keras_model, image, model.threshold, view)
-        picture = explain.overlay(image, heat, "")[: image.shape[0]]  # the caption goes in the page, not the pixels
-        small = cv2.resize(picture, (picture.shape[1] // 2, picture.shape[0] // 2), interpolation=cv2.INTER_AREA)
-        ok, png = cv2.imencode(".png", small)
-        assert ok
-        out.append(row | {"png": png.tobytes()})
-    return out
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    found = {"python": sys.version.split()[0]}
-    for name in ("happysad", "ray", "keras", "tensorflow", "numpy", "opencv-python-headless", "pyarrow"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
-def page_for(title: str, table: pa.Table, result: dict, open_labelled, model: score.Model, **extra) -> bytes:
-    """report.html for scored rows: metrics, curves, the worst rows with heat maps, and `extra` sections."""
-    from happysad import page
-
-    rows = labelled_rows(table)
-    sad = np.array(rows["true_label"].to_pylist()) == "sad"
-    worst = thumbnails(open_labelled, worst_rows(table), model)
-    return page.render(
-        title=title, metrics=result, curves=curves(rows["score"].to_numpy(), sad, model.threshold),
-        worst=worst, **extra,
-    )
-
-
 def run(config: EvaluateConfig) -> dict:
     """Score the labelled set, write evaluation.json, predictions.parquet and report.html; return the evaluation."""
     model = score.open_model(config.model, config.threshold)  # a bad model fails here, before anything runs
@@ -259,10 +129,10 @@ def run(config: EvaluateConfig) -> dict:
     table = predict(labelled, model, config.scoring())
     storage.write_parquet(storage.join(config.output, "predictions.parquet"), table)
     result = evaluation(table, model.threshold, listing_skipped)
-    result |= {"model": model.id, "model_uri": model.uri, "data": list(config.data), "versions": versions()}
+    result |= {"model": model.id, "model_uri": model.uri, "data": list(config.data), "versions": report.versions()}
     storage.write_bytes(storage.join(config.output, "evaluation.json"), json.dumps(result, indent=2).encode())
     counts = {"evaluated": result["counts"]}
-    html = page_for(
+    html = report.page_for(
         f"Evaluation of {model.id}", table, result, lambda: labelled, model,
         counts=counts, skipped=result["skipped"], info={"data": list(config.data), "model": model.uri, "versions": result["versions"]},
     )
@@ -272,57 +142,8 @@ def run(config: EvaluateConfig) -> dict:
 
 
 def _summary_line(result: dict, output: str) -> str:
-    names = ("accuracy", "f1", "auc", "loss")
-    shown = {k: f"{result[k]:.4f}" if result[k] is not None else f"n/a ({result['undefined'][k]})" for k in names}
+    figures = "  ".join(f"{name} {shown(result, name)}" for name in ("accuracy", "f1", "auc", "loss"))
     skipped = sum(result["skipped"].values())
-    return f"evaluated {result['n']} images at threshold {result['threshold']:.3f}: " + "  ".join(
-        f"{k} {v}" for k, v in shown.items()
-    ) + f"  skipped {skipped}; output: {output}"
+    return f"evaluated {result['n']} images at threshold {result['threshold']:.3f}: {figures}  skipped {skipped}; output: {output}"
 
 
-# --- a training run's page ---------------------------------------------------------------------
-
-
-def write_predictions(output: str, predictions: dict[str, pa.Table], model: score.Model) -> dict[str, pa.Table]:
-    """Each split's worker rows (report.WORKER_PREDICTIONS) as `predict` gives them, labelled at the model's
-    threshold, sorted by path: written to report.PREDICTIONS[split] in the run directory, then the workers'
-    own files are removed. Returns the written tables."""
-    from happysad import report
-
-    written = {}
-    for split, rows in predictions.items():
-        n = rows.num_rows
-        given = {
-            "path": rows["path"], "score": rows["score"], "label": score.decided_labels(rows["score"].to_numpy(), model.threshold),
-            "model": [model.id] * n, "true_label": rows["true_label"],
-        }
-        # Every row was scored: the error columns (and any other) are null.
-        columns = {field.name: given.get(field.name, pa.nulls(n, field.type)) for field in LABELLED_ROWS}
-        table = pa.table(columns, schema=LABELLED_ROWS).sort_by("path")
-        storage.write_parquet(storage.join(output, report.PREDICTIONS[split]), table)
-        written[split] = table
-    for split in predictions:  # last: until the merged files are written, the workers' files are the only copy
-        fs, parts = storage.filesystem(storage.join(output, report.WORKER_PREDICTIONS_DIRS[split]))
-        if fs.get_file_info(parts).type == pafs.FileType.Directory:
-            fs.delete_dir(parts)
-    return written
-
-
-def run_page(output: str, table: pa.Table, model: score.Model, metrics: dict, history: list[dict]) -> bytes:
-    """report.html of a training run: its test split as the trained model scored it, plus the run's history."""
-    from happysad import synth
-
-    config = metrics["config"]
-    uris = list(config["data"]) or [str(synth.demo_data())]
-    result = evaluation(table, model.threshold, {})
-    info = {"data": uris, "config": config, "versions": versions(), "threshold": metrics.get("threshold"), "val": metrics.get("val")}
-    threshold = metrics.get("threshold") or {}
-    why = f" (validation could not choose one: {threshold['reason']}; 0.5 is the default)" if threshold.get("reason") else ""
-    subtitle = (
-        f"Run {output}: {metrics.get('epochs', len(history))} epochs. Below, the test split ({result['n']} images) "
-        f"as the trained model scored it, at its threshold {model.threshold:.3f}{why}."
-    )
-    return page_for(
-        "Training run report", table, result, lambda: sources.labelled_images(uris)[0], model,
-        counts=metrics["counts"], skipped=metrics["skipped"], info=info, history=history, subtitle=subtitle,
-    )

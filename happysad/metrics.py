@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 
-CLASSES = ("happy", "sad")  # negative, positive: the order of sources.CLASSES (labels 0 and 1)
+from happysad.model import CLASSES  # negative, positive: labels 0 and 1
+
 EPSILON = 1e-7  # Keras's clip for log loss: a score of exactly 0 or 1 costs a large, finite loss
 DEFAULT_THRESHOLD = 0.5  # kept when validation cannot choose one
 NAMES = ("accuracy", "precision", "recall", "f1", "auc", "loss")
+KERAS_METRICS = ("loss", "accuracy", "precision", "recall", "auc")  # what a training epoch logs, from Keras's metrics
 
 
 def called_sad(scores, threshold: float) -> np.ndarray:
@@ -160,3 +162,29 @@ def separating_value(below: float, above: float) -> float:
 
 def _fallback(reason: str, auc: float | None = None) -> dict:
     return {"value": DEFAULT_THRESHOLD, "chosen_on": None, "f1": None, "youden_j": None, "auc": auc, "reason": reason}
+
+
+def defined_metrics(values: dict, split: str, happy: int, sad: int, predicted_sad: float) -> dict:
+    """A split's measured `values` (the per-epoch Keras metrics) with each undefined one set to None and its
+    reason under "undefined".
+
+    `happy`, `sad`: the split's real images per class; `predicted_sad`: how many it called sad.
+    """
+    reasons = {}
+    if happy + sad == 0:
+        reasons = dict.fromkeys(KERAS_METRICS, f"no {split} split")
+    else:
+        if happy == 0 or sad == 0:
+            reasons["auc"] = "one class only"
+        if sad == 0:
+            reasons["recall"] = "no sad images"
+        if predicted_sad == 0:
+            reasons["precision"] = "no sad predictions"
+    measured = {name: None if name in reasons else float(values[name]) for name in KERAS_METRICS}
+    return measured | {"n": happy + sad, "undefined": reasons}
+
+
+def shown(metrics: dict, name: str) -> str:
+    """A metric for a log line: 0.9512, or n/a with the reason."""
+    value = metrics[name]
+    return f"{value:.4f}" if value is not None else f"n/a ({metrics['undefined'][name]})"

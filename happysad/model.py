@@ -14,6 +14,7 @@ import zipfile
 from happysad.storage import UsageError
 
 IMAGE_SIZE = 256
+CLASSES = ("happy", "sad")  # label 0, label 1 (alphabetical, as the seed's image_dataset_from_directory): the sigmoid is P(sad)
 # The layers of the seed architecture: a .keras file holding anything else is refused unloaded.
 SEED_LAYERS = {"InputLayer", "Rescaling", "Conv2D", "MaxPooling2D", "Flatten", "Dense"}
 

@@ -1,167 +1,109 @@
-"""The run directory's files: model.keras, model.json, metrics.json, history.csv, curves.png, tensorboard/,
-val_predictions.parquet, test_predictions.parquet and report.html.
+"""What a report.html shows, gathered: the metrics and curves of labelled predictions, the worst rows
+with their faces beside Grad-CAM heat maps, the run's facts. `render` turns it into HTML.
 
-A metric that is undefined (no rows, or one class only) is None here, null in
-JSON, an empty cell in history.csv, absent from curves and TensorBoard, and
-printed as `n/a (reason)`: never a 0 that looks measured.
-
-metrics.json's val and test metrics and the threshold come from the exact
-scores the workers wrote (`worker_predictions`), through `happysad.metrics`;
-the Keras metrics only make the per-epoch history and log line.
+Images are read again only for the few rows shown (predictions keep no bytes).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import os
-import tempfile
+import sys
 
 import numpy as np
 import pyarrow as pa
 
-from happysad import storage
-
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "images_per_second", "images")
-METRICS = ("loss", "accuracy", "precision", "recall", "auc")
-# Fixed event file names: a resumed run replaces its files instead of adding a second copy of every scalar.
-TENSORBOARD_FILES = {"train": "train/events.out.tfevents.happysad", "val": "val/events.out.tfevents.happysad"}
-# Each split as the trained model scored it in the last pass over it: val's rows choose the threshold, test's make the report.
-PREDICTIONS = {"val": "val_predictions.parquet", "test": "test_predictions.parquet"}
-# Each Train worker's part of them (rank-N.parquet), merged by the driver, then removed.
-WORKER_PREDICTIONS_DIRS = {"val": ".val-predictions", "test": ".test-predictions"}
-WORKER_PREDICTIONS = pa.schema([("path", pa.string()), ("score", pa.float32()), ("true_label", pa.string())])
+from happysad import predictions, render, score, sources, storage, synth
+from happysad.metrics import curves
 
 
-def defined_metrics(values: dict, split: str, happy: int, sad: int, predicted_sad: float) -> dict:
-    """A split's measured `values` (the per-epoch Keras metrics) with each undefined one set to None and its
-    reason under "undefined".
+def fetch_images(open_labelled, paths: list[str]) -> dict[str, bytes]:
+    """The bytes of a few rows, read again (predictions keep no bytes).
 
-    `happy`, `sad`: the split's real images per class; `predicted_sad`: how many it called sad.
+    A file is read directly; a shard member (`SHARD#MEMBER`), or a name that cannot be
+    opened as written, is found by one more pass over the labelled dataset, which
+    `open_labelled()` makes only then (listing a large set is not free).
     """
-    reasons = {}
-    if happy + sad == 0:
-        reasons = dict.fromkeys(METRICS, f"no {split} split")
-    else:
-        if happy == 0 or sad == 0:
-            reasons["auc"] = "one class only"
-        if sad == 0:
-            reasons["recall"] = "no sad images"
-        if predicted_sad == 0:
-            reasons["precision"] = "no sad predictions"
-    measured = {name: None if name in reasons else float(values[name]) for name in METRICS}
-    return measured | {"n": happy + sad, "undefined": reasons}
+    found = {}
+    for path in paths:
+        if "#" not in path:
+            try:
+                found[path] = storage.read_bytes(path)
+            except OSError:
+                continue
+    missing = [p for p in paths if p not in found]
+    return found | (_scan_for(open_labelled(), missing) if missing else {})
 
 
-def worker_predictions(output: str, split: str) -> pa.Table:
-    """Every worker's rows of `split` (WORKER_PREDICTIONS: path, score, true_label), sorted by path; none: 0 rows."""
-    import pyarrow.parquet as pq
+def _scan_for(labelled, paths: list[str]) -> dict[str, bytes]:
+    wanted = set(paths)  # a few paths: small enough to travel with each task
 
-    fs, parts = storage.filesystem(storage.join(output, WORKER_PREDICTIONS_DIRS[split]))
-    try:
-        rows = pq.read_table(parts, filesystem=fs, schema=WORKER_PREDICTIONS)
-    except FileNotFoundError:  # an empty split: no worker wrote any
-        return WORKER_PREDICTIONS.empty_table()
-    return rows.sort_by("path")
+    def keep(batch: pa.Table, wanted) -> pa.Table:
+        mask = pa.array([p in wanted for p in batch["path"].to_pylist()], pa.bool_())
+        return batch.select(["path", "bytes"]).filter(mask)
 
-
-def scores_and_sad(rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 scores, bool sad) of prediction rows."""
-    scores = rows["score"].to_numpy().astype(np.float32, copy=False)
-    return scores, np.array(rows["true_label"].to_pylist()) == "sad"
+    found = labelled.map_batches(keep, fn_kwargs={"wanted": wanted}, batch_format="pyarrow")
+    return {row["path"]: row["bytes"] for row in found.take_all()}
 
 
-def model_json(threshold: float, classes, image_size: int) -> bytes:
-    """model.json beside model.keras: what `score` and `predict` need besides the weights."""
-    return json.dumps({"threshold": threshold, "classes": list(classes), "image_size": image_size}, indent=2).encode()
+def thumbnails(open_labelled, worst: list[dict], model: score.Model) -> list[dict]:
+    """Each worst row with a PNG: the face beside its Grad-CAM heat map (for the label the model gave)."""
+    import cv2
+
+    from happysad import explain
+    from happysad.decode import decode_image
+
+    if not worst:
+        return []
+    images = fetch_images(open_labelled, [r["path"] for r in worst])
+    keras_model = score.load_keras_model(model.uri)
+    view = explain.cam_model(keras_model)
+    out = []
+    for row in worst:
+        image = decode_image(images[row["path"]])
+        heat, _ = explain.grad_cam(keras_model, image, model.threshold, view)
+        picture = explain.overlay(image, heat, "")[: image.shape[0]]  # the caption goes in the page, not the pixels
+        small = cv2.resize(picture, (picture.shape[1] // 2, picture.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        ok, png = cv2.imencode(".png", small)
+        assert ok
+        out.append(row | {"png": png.tobytes()})
+    return out
 
 
-def shown(metrics: dict, name: str) -> str:
-    """A metric for a log line: 0.9512, or n/a with the reason."""
-    value = metrics[name]
-    return f"{value:.4f}" if value is not None else f"n/a ({metrics['undefined'][name]})"
+def versions() -> dict:
+    from importlib import metadata
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("happysad", "ray", "keras", "tensorflow", "numpy", "opencv-python-headless", "pyarrow"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
-def history_csv(history: list[dict]) -> bytes:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, HISTORY_COLUMNS, extrasaction="ignore")  # None -> empty cell
-    writer.writeheader()
-    writer.writerows(history)
-    return out.getvalue().encode()
+def page_for(title: str, table: pa.Table, result: dict, open_labelled, model: score.Model, **extra) -> bytes:
+    """report.html for scored rows: metrics, curves, the worst rows with heat maps, and `extra` sections."""
+    rows = predictions.labelled_rows(table)
+    sad = np.array(rows["true_label"].to_pylist()) == "sad"
+    worst = thumbnails(open_labelled, predictions.worst_rows(table), model)
+    return render.render(
+        title=title, metrics=result, curves=curves(rows["score"].to_numpy(), sad, model.threshold),
+        worst=worst, **extra,
+    )
 
 
-def curves_png(history: list[dict]) -> bytes:
-    """The seed's two plots: loss and accuracy per epoch, train vs val; undefined points are left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key in zip(axes, ("loss", "accuracy")):
-        for column, label in ((key, f"train {key}"), (f"val_{key}", f"val {key}")):
-            points = [(row["epoch"], row[column]) for row in history if row.get(column) is not None]
-            if points:
-                ax.plot(*zip(*points), "o-", label=label)
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def tensorboard_scalars(history: list[dict]) -> dict[str, list[tuple[str, int, float]]]:
-    """(tag, step, value) per TensorBoard run (train/, val/); undefined values are left out."""
-    runs = {"train": [], "val": []}
-    for row in history:
-        for run, prefix, extra in (("train", "", ("images_per_second",)), ("val", "val_", ())):
-            for name in ("loss", "accuracy", *extra):
-                value = row.get(prefix + name)
-                if value is not None:
-                    runs[run].append((f"epoch/{name}", row["epoch"], value))
-    return runs
-
-
-def tensorboard_files(history: list[dict]) -> dict[str, bytes]:
-    """TensorBoard event files, one per run under a fixed name, written locally then returned as bytes."""
-    import tensorflow as tf
-
-    files = {}
-    for run, scalars in tensorboard_scalars(history).items():
-        with tempfile.TemporaryDirectory() as tmp:
-            writer = tf.summary.create_file_writer(tmp)
-            with writer.as_default():
-                for tag, step, value in scalars:
-                    tf.summary.scalar(tag, value, step=step)
-            writer.close()
-            (name,) = os.listdir(tmp)  # one writer, one event file
-            with open(os.path.join(tmp, name), "rb") as f:
-                files[TENSORBOARD_FILES[run]] = f.read()
-    return files
-
-
-def write_run(
-    output: str, model_bytes: bytes, model_info: bytes, metrics: dict, history: list[dict], tensorboard: dict[str, bytes],
-    predictions: dict[str, pa.Table],
-) -> None:
-    """Write the run directory; `predictions`: each split's worker rows (`worker_predictions`), which
-    metrics.json's numbers were computed from."""
-    # model.json first: whoever finds model.keras also finds its threshold.
-    storage.write_bytes(storage.join(output, "model.json"), model_info)
-    storage.write_bytes(storage.join(output, "model.keras"), model_bytes)
-    storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(metrics, indent=2).encode())
-    storage.write_bytes(storage.join(output, "history.csv"), history_csv(history))
-    storage.write_bytes(storage.join(output, "curves.png"), curves_png(history))
-    for name, data in tensorboard.items():
-        storage.write_bytes(storage.join(output, "tensorboard", name), data)
-    from happysad import evaluate, score  # Ray and Keras in the driver only: workers import this module too
-
-    # Last: the splits' predictions, labelled at the threshold in model.json written above, and the page of the test split.
-    model = score.open_model(storage.join(output, "model.keras"))
-    labelled = evaluate.write_predictions(output, predictions, model)
-    storage.write_bytes(storage.join(output, "report.html"), evaluate.run_page(output, labelled["test"], model, metrics, history))
+def training_page(output: str, table: pa.Table, model: score.Model, metrics: dict, history: list[dict]) -> bytes:
+    """report.html of a training run: its test split as the trained model scored it, plus the run's history."""
+    config = metrics["config"]
+    uris = list(config["data"]) or [str(synth.demo_data())]
+    result = predictions.evaluation(table, model.threshold, {})
+    info = {"data": uris, "config": config, "versions": versions(), "threshold": metrics.get("threshold"), "val": metrics.get("val")}
+    threshold = metrics.get("threshold") or {}
+    why = f" (validation could not choose one: {threshold['reason']}; 0.5 is the default)" if threshold.get("reason") else ""
+    subtitle = (
+        f"Run {output}: {metrics.get('epochs', len(history))} epochs. Below, the test split ({result['n']} images) "
+        f"as the trained model scored it, at its threshold {model.threshold:.3f}{why}."
+    )
+    return page_for(
+        "Training run report", table, result, lambda: sources.labelled_images(uris)[0], model,
+        counts=metrics["counts"], skipped=metrics["skipped"], info=info, history=history, subtitle=subtitle,
+    )

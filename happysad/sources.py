@@ -21,9 +21,9 @@ import pyarrow.fs as pafs
 import ray
 
 from happysad import inputs, storage
+from happysad.model import CLASSES
 from happysad.storage import UsageError
 
-CLASSES = ("happy", "sad")  # index = label id: happy 0, sad 1 (alphabetical, as the seed)
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 DEFAULT_MAX_FILE_MB = 64  # a file larger than this is `too_large`, never read into memory
 FILES_PER_BLOCK = 128  # listed files per read block: enough blocks to spread decode over a cluster

@@ -1,4 +1,4 @@
-"""Training on Ray: decode in Ray Data, split by content hash, Ray Train workers run train_loop.
+"""Training on Ray: decode in Ray Data, split by content hash, Ray Train workers run train_worker.
 
     URIs -> sources -> index: decode every row once, keep (label, split, hash, error)
          -> counts, conflicts, checks -> each split, padded to a multiple of the workers
@@ -30,13 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from happysad import console, gpus, inputs, report, sources, storage, synth
+from happysad import console, gpus, inputs, predictions, report, run_files, score, sources, storage, synth
 from happysad.decode import DecodeError, decode_image
-from happysad.metrics import binary_metrics, choose_threshold
-from happysad.model import IMAGE_SIZE
+from happysad.metrics import binary_metrics, choose_threshold, shown
+from happysad.model import CLASSES, IMAGE_SIZE
 from happysad.split import SPLITS, split_of
 from happysad.storage import UsageError
-from happysad.train_loop import train_loop_per_worker
+from happysad.train_worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ def decode_for_training(
                     images[i] = image
             except DecodeError as exc:
                 errors[i] = exc.reason
-        if label not in sources.CLASSES:
+        if label not in CLASSES:
             errors[i] = errors[i] or "no_label"
-    labels = [sources.CLASSES.index(x) if x in sources.CLASSES else -1 for x in batch["label"]]
+    labels = [CLASSES.index(x) if x in CLASSES else -1 for x in batch["label"]]
     rows = {"path": np.asarray(batch["path"]), "label": np.array(labels, np.int8), "split": splits, "hash": hashes, "error": errors}
     return rows | {"image": images} if keep_images else rows
 
@@ -194,7 +194,7 @@ def count_rows(index) -> tuple[Counter, Counter, set[str]]:
     clear = ~np.isin(hashes, conflicts)
     skipped["conflicting_label"] += int(np.sum(~clear))
     per_key = np.bincount(splits[clear] * 2 + labels[clear], minlength=len(SPLITS) * 2)
-    counts = Counter({(split, label): int(per_key[i * 2 + j]) for i, split in enumerate(SPLITS) for j, label in enumerate(sources.CLASSES)})
+    counts = Counter({(split, label): int(per_key[i * 2 + j]) for i, split in enumerate(SPLITS) for j, label in enumerate(CLASSES)})
     return counts, +skipped, {h.decode() for h in conflicts.tolist()}
 
 
@@ -221,7 +221,7 @@ def prepare_datasets(config: TrainConfig, uris: list[str]) -> Prepared:
         index = index.materialize()
         counts, skipped, conflicts = count_rows(index)
         skipped.update(listing_skipped)
-        count_table = {s: {c: counts[(s, c)] for c in sources.CLASSES} for s in SPLITS}
+        count_table = {s: {c: counts[(s, c)] for c in CLASSES} for s in SPLITS}
         _check_counts(config, uris, count_table, skipped)
         datasets, rows, real = {}, {}, {}
         for split in SPLITS:
@@ -307,7 +307,7 @@ def count_images(uris: list[str], labelled) -> tuple[int, str]:
         names = [item.uri[len(root) :] for item in storage.list_files(uri)[0]]
         if any("/" not in name and name.lower().endswith(".tar") for name in names):
             return labelled.count(), "counted: WebDataset shards read, not decoded"
-        files += sum(name.split("/")[0] in sources.CLASSES and "/" in name for name in names)
+        files += sum(name.split("/")[0] in CLASSES and "/" in name for name in names)
     return files, "from the listing"
 
 
@@ -319,7 +319,7 @@ def _check_counts(config: TrainConfig, uris: list[str], counts: dict, skipped: C
     if train < config.workers:
         raise UsageError(f"--workers {config.workers}: the train split has only {train} images, fewer than the workers")
     # The train split is what the model learns from: one class there trains a constant model, whatever val and test hold.
-    missing = [c for c in sources.CLASSES if counts["train"][c] == 0]
+    missing = [c for c in CLASSES if counts["train"][c] == 0]
     if missing and not config.allow_one_class:
         elsewhere = sum(counts[s][missing[0]] for s in SPLITS)
         where = f" ({elsewhere} in the val and test splits)" if elsewhere else ""
@@ -470,11 +470,11 @@ def run(config: TrainConfig) -> dict:
     loop_config = {"config": config, "rows": data.rows, "counts": data.counts, "output": output}
     returned = _fit(_trainer(config, output, data.datasets, loop_config), output)
     # The threshold and the val and test metrics, from every real row's exact score (the workers' files).
-    predictions = {split: report.worker_predictions(output, split) for split in ("val", "test")}
-    threshold = choose_threshold(*report.scores_and_sad(predictions["val"]))
+    split_rows = {split: predictions.worker_predictions(output, split) for split in ("val", "test")}
+    threshold = choose_threshold(*predictions.scores_and_sad(split_rows["val"]))
     measured = {
-        split: binary_metrics(*report.scores_and_sad(rows), threshold["value"], empty=f"no {split} split")
-        for split, rows in predictions.items()
+        split: binary_metrics(*predictions.scores_and_sad(rows), threshold["value"], empty=f"no {split} split")
+        for split, rows in split_rows.items()
     }
     for split, result in measured.items():  # each real row once: a worker's missing or extra file would show here
         if result["n"] != data.real[split]:
@@ -493,15 +493,35 @@ def run(config: TrainConfig) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "config": record,
     }
-    model_info = report.model_json(threshold["value"], sources.CLASSES, IMAGE_SIZE)
+    model_info = run_files.model_json(threshold["value"], CLASSES, IMAGE_SIZE)
     with console.native_stderr_hidden():  # TensorFlow's first device use here prints "failed call to cuInit"
-        report.write_run(output, returned["model"], model_info, metrics, returned["history"], returned["tensorboard"], predictions)
+        write_run(output, returned["model"], model_info, metrics, returned["history"], returned["tensorboard"], split_rows)
     test = metrics["test"]
     why = f" (default: {threshold['reason']})" if threshold.get("reason") else ""
     print(
-        f"done: test accuracy {report.shown(test, 'accuracy')}  auc {report.shown(test, 'auc')}  (n={test['n']})  "
+        f"done: test accuracy {shown(test, 'accuracy')}  auc {shown(test, 'auc')}  (n={test['n']})  "
         f"threshold {threshold['value']:.3f}{why}  "
         f"{metrics['images_per_second']:.1f} img/s  skipped {sum(data.skipped.values())}  run: {output}",
         flush=True,
     )
     return metrics
+
+
+def write_run(
+    output: str, model_bytes: bytes, model_info: bytes, metrics: dict, history: list[dict], tensorboard: dict[str, bytes],
+    split_rows: dict[str, pa.Table],
+) -> None:
+    """Write the run directory; `split_rows`: each split's worker rows (`predictions.worker_predictions`), which
+    metrics.json's numbers were computed from."""
+    # model.json first: whoever finds model.keras also finds its threshold.
+    storage.write_bytes(storage.join(output, "model.json"), model_info)
+    storage.write_bytes(storage.join(output, "model.keras"), model_bytes)
+    storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    storage.write_bytes(storage.join(output, "history.csv"), run_files.history_csv(history))
+    storage.write_bytes(storage.join(output, "curves.png"), run_files.curves_png(history))
+    for name, data in tensorboard.items():
+        storage.write_bytes(storage.join(output, "tensorboard", name), data)
+    # Last: the splits' predictions, labelled at the threshold in model.json written above, and the page of the test split.
+    model = score.open_model(storage.join(output, "model.keras"))
+    labelled = predictions.write_predictions(output, split_rows, model)
+    storage.write_bytes(storage.join(output, "report.html"), report.training_page(output, labelled["test"], model, metrics, history))

@@ -181,7 +181,7 @@ def test_s3_folders_and_local_shards_in_s3_out(ray_session, s3, labelled_set, ti
     assert set(shard_labels.values()) == {"happy", "sad"}
     assert b"id='confusion-matrix'" in storage.read_bytes(f"{output}/report.html")
     # A thumbnail's bytes: a file is read directly (the data set is not even listed), a shard member found in it.
-    from happysad.evaluate import fetch_images
+    from happysad.report import fetch_images
     from happysad.sources import labelled_images
 
     member, file = next(iter(shard_labels)), next(p for p in paths if p.startswith(f"{data}/sad/"))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from happysad.metrics import (
-    DEFAULT_THRESHOLD, binary_metrics, called_sad, choose_threshold, curves, log_losses, rank_auc, separating_value,
+    DEFAULT_THRESHOLD, KERAS_METRICS, binary_metrics, called_sad, choose_threshold, curves, defined_metrics, log_losses, rank_auc,
+    separating_value, shown,
 )
 
 F32 = np.float32
@@ -232,3 +233,27 @@ def test_on_separable_val_sets_youden_j_and_f1_pick_the_same_gap(seed):
     chosen = choose_threshold(scores, is_sad)
     assert chosen["gap"] == [float(F32(happy.max())), float(F32(sad.min()))]
     assert chosen["youden_j"] == 1.0 and chosen["f1"] == 1.0 == brute_force(scores, is_sad)[1]
+
+
+# --- a training epoch's Keras metrics: undefined ones are None / n/a, never a measured-looking 0 ---
+
+MEASURED = {"loss": 0.5, "accuracy": 0.75, "precision": 0.0, "recall": 0.0, "auc": 0.0}
+
+
+def test_an_empty_split_has_no_metrics_and_says_why():
+    test = defined_metrics(MEASURED, "test", happy=0, sad=0, predicted_sad=0)
+    assert test["n"] == 0 and all(test[name] is None for name in KERAS_METRICS)
+    assert shown(test, "accuracy") == "n/a (no test split)" and shown(test, "auc") == "n/a (no test split)"
+
+
+def test_one_class_leaves_auc_and_recall_undefined_but_keeps_accuracy():
+    test = defined_metrics(MEASURED, "test", happy=3, sad=0, predicted_sad=0)
+    assert test["accuracy"] == 0.75 and test["loss"] == 0.5 and test["n"] == 3
+    assert test["undefined"] == {"auc": "one class only", "recall": "no sad images", "precision": "no sad predictions"}
+    assert shown(test, "auc") == "n/a (one class only)" and shown(test, "accuracy") == "0.7500"
+
+
+def test_a_real_zero_stays_zero():
+    """Sad images present and some predicted sad, all wrong: precision and recall are measured zeros."""
+    val = defined_metrics(MEASURED, "val", happy=2, sad=2, predicted_sad=1)
+    assert val["precision"] == 0.0 and val["recall"] == 0.0 and val["auc"] == 0.0 and val["undefined"] == {}

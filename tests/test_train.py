@@ -20,9 +20,8 @@ from conftest import BUCKET, REPO, run_cli, upload_tree, wait_for_registered_che
 from happysad import sources, storage, synth
 from happysad.cli import _config, build_parser
 from happysad.decode import decode_image
-from happysad.metrics import binary_metrics, choose_threshold
+from happysad.metrics import KERAS_METRICS, binary_metrics, choose_threshold
 from happysad.model import build_model
-from happysad.report import METRICS
 from happysad.score import open_model
 from happysad.split import split_of
 from happysad.storage import UsageError
@@ -267,7 +266,7 @@ def test_undefined_metrics_are_null_absent_and_shown_as_na(ray_session, tiny_fol
     assert metrics["counts"]["val"] == {"happy": 0, "sad": 0} and metrics["counts"]["test"] == {"happy": 1, "sad": 0}
 
     saved = json.loads((output / "metrics.json").read_text())
-    assert all(saved["val"][name] is None for name in METRICS) and saved["val"]["n"] == 0
+    assert all(saved["val"][name] is None for name in KERAS_METRICS) and saved["val"]["n"] == 0
     assert saved["val"]["undefined"]["accuracy"] == "no val split"
     assert saved["test"]["auc"] is None and saved["test"]["undefined"]["auc"] == "one class only"
     assert saved["test"]["recall"] is None and saved["test"]["undefined"]["recall"] == "no sad images"

@@ -1,8 +1,8 @@
-"""The per-worker tf.data input (train_loop.WorkerInput + Lockstep): shuffling, and two real Ray Train workers."""
+"""The per-worker tf.data input (train_worker.WorkerInput + Lockstep): shuffling, and two real Ray Train workers."""
 
 import numpy as np
 
-from happysad.train_loop import shuffled
+from happysad.train_worker import shuffled
 
 
 def test_shuffle_buffer_keeps_every_row_and_depends_only_on_the_seed():
@@ -33,7 +33,7 @@ def test_uneven_shards_take_equal_steps_and_stop_together(ray_session, tmp_path)
         import ray.train
         import tensorflow as tf
 
-        from happysad.train_loop import Lockstep, WorkerInput
+        from happysad.train_worker import Lockstep, WorkerInput
 
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)

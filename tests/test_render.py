@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 
 from happysad import synth
 from happysad.decode import decode_image
-from happysad.evaluate import binary_metrics, curves
-from happysad.page import render
+from happysad.metrics import binary_metrics, curves
+from happysad.render import render
 from happysad.score import load_keras_model
 from happysad.train import TrainConfig, run
 

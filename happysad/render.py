@@ -2,7 +2,7 @@
 
 `render` is pure: it takes metrics, curve points, counts and rows that already
 carry their thumbnails, and returns the HTML bytes; it never sees a model or
-Ray, so it is tested on hand-made arrays (evaluate.page_for and evaluate.run_page
+Ray, so it is tested on hand-made arrays (report.page_for and report.training_page
 gather what a page needs).
 
 Stable hooks for readers and tests: #metrics, #confusion-matrix, #roc-pr,
@@ -17,7 +17,7 @@ import html
 import io
 import json
 
-from happysad.sources import CLASSES
+from happysad.model import CLASSES
 
 METRIC_NAMES = (("accuracy", "Accuracy"), ("precision", "Precision"), ("recall", "Recall"), ("f1", "F1"), ("auc", "AUC"), ("loss", "Log loss"))
 

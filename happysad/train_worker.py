@@ -48,7 +48,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     import tensorflow as tf
 
     from happysad import console
-    from happysad.report import defined_metrics, shown
+    from happysad.metrics import defined_metrics, shown
 
     config = loop_config["config"]
     rows = loop_config["rows"]  # rows per split, including weight-0 padding
@@ -105,7 +105,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         return lockstep.steps(inputs[split].epoch(shuffle_seed), step)
 
     def evaluate(split: str, step, metrics: dict) -> dict:
-        """The split's metrics over every worker's rows; undefined ones are None (report.defined_metrics)."""
+        """The split's metrics over every worker's rows; undefined ones are None (metrics.defined_metrics)."""
         for metric in metrics.values():
             metric.reset_state()
         if rows[split]:
@@ -168,7 +168,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     hashes = _replica_weight_hashes(model, strategy)
     if rank != 0:
         return None
-    from happysad.report import tensorboard_files  # here, where TF is loaded already: the driver never imports it
+    from happysad.run_files import tensorboard_files  # here, where TF is loaded already: the driver never imports it
 
     return {
         "history": state["history"],
@@ -394,22 +394,23 @@ def _inference_model_bytes(model) -> bytes:
 def _write_predictions(split: str, scored: list[tuple], batch_paths: list[np.ndarray], output: str, rank: int) -> None:
     """This worker's rows of `split` (path, score, true_label) as one Parquet file: the scores of that split's pass.
 
-    The driver merges every worker's file (`report.worker_predictions`): the threshold
+    The driver merges every worker's file (`predictions.worker_predictions`): the threshold
     and metrics.json's numbers come from them, and the report's rows; nothing reads the
     data again. The epoch may have made batches past the last one stepped (prefetch):
     those were not scored. Padding rows weigh 0 and are left out.
     """
     import pyarrow as pa
 
-    from happysad import report, sources, storage
+    from happysad import run_files, storage
+    from happysad.model import CLASSES
 
     scores, labels, weights = (np.concatenate(column) for column in zip(*scored))  # every worker steps >= 1 batch
     paths = np.concatenate(batch_paths[: len(scored)])
     assert len(paths) == len(scores), f"the {split} batches and their paths differ"
     real = weights > 0
-    rows = {"path": paths[real].tolist(), "score": scores[real], "true_label": [sources.CLASSES[label] for label in labels[real]]}
-    table = pa.table(rows, schema=report.WORKER_PREDICTIONS)
-    storage.write_parquet(storage.join(output, report.WORKER_PREDICTIONS_DIRS[split], f"rank-{rank}.parquet"), table)
+    rows = {"path": paths[real].tolist(), "score": scores[real], "true_label": [CLASSES[label] for label in labels[real]]}
+    table = pa.table(rows, schema=run_files.WORKER_PREDICTIONS)
+    storage.write_parquet(storage.join(output, run_files.WORKER_PREDICTIONS_DIRS[split], f"rank-{rank}.parquet"), table)
 
 
 def _replica_weight_hashes(model, strategy) -> list[int]:
