@@ -1,4 +1,4 @@
-"""The `happysad` command: train, score, predict, evaluate, make-data.
+"""The `happysad` command: train, score, predict, evaluate, explain, export, make-data.
 
 `python jobs/train.py ARGS` is `happysad train ARGS` (likewise score). Exit
 codes: 0 success, 2 bad arguments or unusable input (one line, no
@@ -75,15 +75,20 @@ def _add_predict(sub) -> None:
 
 
 def _predict(args) -> None:
+    import pyarrow.fs as pafs
+
+    from happysad import storage
     from happysad.decode import DecodeError, decode_image
     from happysad.score import decided_labels, load_keras_model, open_model
 
     model = open_model(args.model or "", args.threshold)
+    for path in args.images:  # as explain: a name that is not a file is a usage error, before the model loads
+        if (kind := storage.file_type(path)) != pafs.FileType.File:
+            raise UsageError(f"IMAGE {path}: {'no such file' if kind == pafs.FileType.NotFound else 'not a file'}")
     keras_model = load_keras_model(model.uri)
-    for path in args.images:
+    for path in args.images:  # an image that does not decode is a row: the others are still predicted
         try:
-            with open(path, "rb") as f:
-                image = decode_image(f.read())
+            image = decode_image(storage.read_bytes(path))
         except OSError:
             print(f"{path}\terror\tread_failed")
             continue
@@ -133,7 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     for command in sub.choices.values():
         command.add_argument("--verbose", action="store_true", help="show Ray's and TensorFlow's own log lines")
+    parser.set_defaults(commands=sub.choices)
     return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The flags; what a subcommand does not know is reported by that subcommand's parser (exit 2, one line)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        command = args.commands[args.command]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{_repeat_hint(command, argv, unknown[0])}")
+    return args
+
+
+def _repeat_hint(command: argparse.ArgumentParser, argv: list[str], stray: str) -> str:
+    """`--input a b`: a flag that takes one value, given two. Names the flag to repeat."""
+    before = argv[: argv.index(stray)]
+    while before and not before[-1].startswith("-"):
+        before.pop()
+    flag = before[-1].split("=")[0] if before else ""
+    repeatable = {o for a in command._actions if isinstance(a, argparse._AppendAction) for o in a.option_strings}
+    return f" (repeat {flag} for each one: {flag} A {flag} B)" if flag in repeatable else ""
 
 
 def _config(cls, args: argparse.Namespace, **extra):
@@ -176,7 +202,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not getattr(args, "verbose", False):
         console.quiet()
