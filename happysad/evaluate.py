@@ -123,9 +123,11 @@ def run(config: EvaluateConfig) -> dict:
     model = score.open_model(config.model, config.threshold)  # a bad model fails here, before anything runs
     if storage.file_type(config.output) == pafs.FileType.File:
         raise UsageError(f"--output {config.output}: is a file; give a folder")
+    listing = sources.list_labelled(list(config.data))  # a typo is answered here, before Ray starts
     console.join_ray()  # read tasks and replicas reach the same S3 endpoint as this process
     gpus.refuse_unless_one_can_come(config.gpu)
-    labelled, listing_skipped = sources.labelled_images(list(config.data), flag="--data", max_file_mb=config.max_file_mb)
+    labelled = sources.labelled_images(listing, max_file_mb=config.max_file_mb)
+    listing_skipped = dict(listing.skipped)
     table = predict(labelled, model, config.scoring())
     storage.write_parquet(storage.join(config.output, "predictions.parquet"), table)
     result = evaluation(table, model.threshold, listing_skipped)

@@ -68,6 +68,7 @@ class Inputs:
     files: pa.Table  # ROW_SCHEMA rows of plain files, sorted by path, unique
     archives: list[storage.Listed]
     hidden: int  # hidden files skipped while listing, each counted once
+    empty: tuple[str, ...] = ()  # inputs that exist and list no file at all
 
 
 def absolute(uri: str) -> str:
@@ -89,7 +90,7 @@ def expand(uris: list[str], output: str = "") -> Inputs:
     """
     found: dict[str, storage.Listed] = {}
     failed: dict[str, str] = {}
-    hidden = set()
+    hidden, empty = set(), []
     for uri in uris:
         try:
             listed, skipped = storage.list_files(uri, skip=output)
@@ -100,15 +101,17 @@ def expand(uris: list[str], output: str = "") -> Inputs:
         except Exception as exc:  # noqa: BLE001 - one input's failure is its row, never the job's
             failed[absolute(uri)] = describe(exc)
             continue
-        if not listed and not skipped and not _exists(uri):
-            raise UsageError(f"--input {uri}: no such file, folder or prefix")
+        if not listed and not skipped:
+            if not _exists(uri):
+                raise UsageError(f"--input {uri}: no such file, folder or prefix")
+            empty.append(uri)
         hidden.update(skipped)
         found.update((item.uri, item) for item in listed)
     # A zero-byte archive has no members to list: scored as a file, it is `empty` like any empty file.
     files = [found[k] for k in sorted(found) if not is_archive(k) or not found[k].size]
     archives = [found[k] for k in sorted(found) if is_archive(k) and found[k].size]
     failed = {uri: detail for uri, detail in failed.items() if uri not in found}
-    return Inputs(file_rows(files, failed), archives, len(hidden))
+    return Inputs(file_rows(files, failed), archives, len(hidden), tuple(empty))
 
 
 def pending(found: Inputs, done: np.ndarray) -> Inputs:

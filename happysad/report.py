@@ -104,6 +104,6 @@ def training_page(output: str, table: pa.Table, model: score.Model, metrics: dic
         f"as the trained model scored it, at its threshold {model.threshold:.3f}{why}."
     )
     return page_for(
-        "Training run report", table, result, lambda: sources.labelled_images(uris)[0], model,
+        "Training run report", table, result, lambda: sources.labelled_images(sources.list_labelled(uris)), model,
         counts=metrics["counts"], skipped=metrics["skipped"], info=info, history=history, subtitle=subtitle,
     )

@@ -42,7 +42,7 @@ import ray
 
 from happysad import console, gpus, inputs, lock, metrics, progress, storage
 from happysad.decode import DecodeError, decode_image
-from happysad.model import IMAGE_SIZE, check_model_file, file_digest
+from happysad.model import CLASSES, IMAGE_SIZE, check_model_file, file_digest
 from happysad.storage import UsageError
 
 log = logging.getLogger(__name__)
@@ -319,13 +319,17 @@ def check_record(output: str, model: Model) -> None:
         )
 
 
-def _summary(output: str) -> tuple[int, dict]:
+def _summary(output: str) -> tuple[int, dict, dict]:
+    """(rows, {label: rows}, {error: rows}) of the whole output."""
     dataset = _output_files(output)
     if dataset is None:
-        return 0, {}
-    errors = dataset.to_table(columns=["error"]).column(0)
-    counts = pc.value_counts(errors.drop_null()).to_pylist()
-    return len(errors), {c["values"]: c["counts"] for c in counts}
+        return 0, {}, {}
+    table = dataset.to_table(columns=["label", "error"])
+
+    def counts(column) -> dict:
+        return {c["values"]: c["counts"] for c in pc.value_counts(column.drop_null()).to_pylist()}
+
+    return table.num_rows, counts(table["label"]), counts(table["error"])
 
 
 # --- the pipeline ------------------------------------------------------------------------------
@@ -452,38 +456,45 @@ def run(config: ScoreConfig) -> dict:
     check_output(config.output)
     model = open_model(config.model, config.threshold)
     found = inputs.expand(list(config.inputs), config.output)
+    for uri in found.empty:  # not an error: an incoming folder may be empty today
+        print(f"warning: --input {uri}: no files in it", file=sys.stderr, flush=True)
     started = time.perf_counter()
     with lock.held(storage.join(config.output, ".lock"), "--output", config.output):
         _finish_staged(config.output)
         check_record(config.output, model)
         _retire_read_failed(config.output, found)
-        console.join_ray()
-        gpus.refuse_unless_one_can_come(config.gpu)
         done = _done_hashes(config.output)
         todo = inputs.pending(found, done)
-        pipeline = build_pipeline(config, model, todo, done)
-        new_rows = 0
-        if pipeline is not None:
+        new_rows, scoring_started = 0, time.perf_counter()
+        if todo.files.num_rows or todo.archives:  # nothing left to score: no Ray start at all
+            console.join_ray()
+            gpus.refuse_unless_one_can_come(config.gpu)
+            pipeline = build_pipeline(config, model, todo, done)
+            scoring_started = time.perf_counter()
             staging = storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}")
             fs, staging_path = storage.filesystem(staging)
             total = None if todo.archives else todo.files.num_rows  # archive members are counted as they stream
             with progress.reporting("scored", lambda: _staged_rows(fs, staging_path), total):
                 pipeline.write_parquet(staging_path, filesystem=fs, max_rows_per_file=config.rows_per_file)
             new_rows = _finish_staged(config.output)
-    seconds = time.perf_counter() - started
-    rows, errors = _summary(config.output)
+    seconds = time.perf_counter() - scoring_started
+    rows, labels, errors = _summary(config.output)
     summary = {
         "rows": rows,
         "new_rows": new_rows,
+        "labels": labels,
         "errors": errors,
         "hidden_skipped": found.hidden,
-        "images_per_second": new_rows / seconds,
+        "images_per_second": new_rows / seconds if new_rows else 0.0,  # over the scoring phase, start-up apart
+        "startup_seconds": scoring_started - started,
         "output": config.output,
     }
     hidden = f"; {found.hidden} hidden files skipped" if found.hidden else ""
+    counts = ", ".join(f"{labels.get(c, 0)} {c}" for c in CLASSES)
     print(
-        f"scored {new_rows} inputs ({rows} rows in all) at {summary['images_per_second']:.1f} img/s; "
-        f"errors: {errors or 'none'}{hidden}; output: {config.output}",
+        f"scored {new_rows} inputs in {seconds:.1f} s ({summary['images_per_second']:.1f} img/s; start-up "
+        f"{summary['startup_seconds']:.1f} s); {rows} rows in all: {counts}; errors: {errors or 'none'}{hidden}; "
+        f"output: {config.output}",
         file=sys.stdout,
         flush=True,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -29,27 +30,32 @@ DEFAULT_MAX_FILE_MB = 64  # a file larger than this is `too_large`, never read i
 FILES_PER_BLOCK = 128  # listed files per read block: enough blocks to spread decode over a cluster
 
 
-def labelled_images(
-    uris: list[str], flag: str = "--data", shuffle_seed: int | None = None, max_file_mb: int = DEFAULT_MAX_FILE_MB
-) -> tuple[ray.data.Dataset, dict[str, int]]:
-    """One dataset of {path, bytes, label, error} rows from every URI, and {reason: count} skipped while listing.
+@dataclass
+class Listing:
+    """What labelled URIs hold, listed without Ray: files under happy/ or sad/, WebDataset shards, and what
+    was skipped ({reason: count}: `hidden`, `no_label`)."""
 
-    Every file under a URI is a row or is counted: files under happy/ or sad/ (any
-    depth) and WebDataset .tar shards at the top are rows; hidden names (a leading
-    '.' at any depth) are counted as `hidden`, other files as `no_label`. A row's
-    `error` is set when it could not be read (`read_failed`, `too_large`).
-    With `shuffle_seed`, files (or shards) are read in a seeded random order: class
-    folders otherwise arrive all-happy then all-sad, which a shuffle buffer cannot mix.
+    uris: list[str]
+    images: list[tuple[storage.Listed, str]] = field(default_factory=list)
+    shards: list[storage.Listed] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+
+def list_labelled(uris: list[str], flag: str = "--data") -> Listing:
+    """Every file under the URIs, sorted into images, shards and skipped; a URI that is missing, a file, or holds
+    neither class folders nor shards is a usage error naming `flag`. Runs in the driver before any Ray start:
+    a typo costs one listing call, not a cluster.
+
+    Files under happy/ or sad/ (any depth) and WebDataset .tar shards at the top are rows; hidden names (a
+    leading '.' at any depth) are counted as `hidden`, other files as `no_label`.
     """
-    datasets, skipped = [], Counter()
+    listing = Listing(list(uris))
     for uri in uris:
-        ds, listing_skipped = _labelled_one(uri, flag, shuffle_seed, max_file_mb << 20)
-        datasets.append(ds)
-        skipped.update(listing_skipped)
-    return (datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]), dict(skipped)
+        _list_one(uri, flag, listing)
+    return listing
 
 
-def _labelled_one(uri: str, flag: str, shuffle_seed: int | None, max_bytes: int):
+def _list_one(uri: str, flag: str, listing: Listing) -> None:
     kind = storage.file_type(uri)
     if kind == pafs.FileType.NotFound:
         raise UsageError(f"{flag} {uri}: no such folder or prefix")
@@ -69,13 +75,23 @@ def _labelled_one(uri: str, flag: str, shuffle_seed: int | None, max_bytes: int)
     if not images and not shards:
         found = ", ".join(sorted({p.uri[len(root) :].split("/")[0] for p in listed})[:8])
         raise UsageError(f"{flag} {uri}: no files under happy/ or sad/ and no .tar shards (found: {found or 'nothing'})")
+    listing.images += images
+    listing.shards += shards
+    listing.skipped.update({reason: n for reason, n in (("hidden", len(hidden)), ("no_label", unlabelled)) if n})
+
+
+def labelled_images(
+    listing: Listing, shuffle_seed: int | None = None, max_file_mb: int = DEFAULT_MAX_FILE_MB
+) -> ray.data.Dataset:
+    """One dataset of {path, bytes, label, error} rows from a listing. A row's `error` is set when it could not
+    be read (`read_failed`, `too_large`). With `shuffle_seed`, files (or shards) are read in a seeded random
+    order: class folders otherwise arrive all-happy then all-sad, which a shuffle buffer cannot mix."""
     parts = []
-    if images:
-        parts.append(_class_folders(images, shuffle_seed, max_bytes))
-    if shards:
-        parts.append(_webdataset_shards(shards, shuffle_seed, max_bytes))
-    skipped = {reason: n for reason, n in (("hidden", len(hidden)), ("no_label", unlabelled)) if n}
-    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), skipped
+    if listing.images:
+        parts.append(_class_folders(list(listing.images), shuffle_seed, max_file_mb << 20))
+    if listing.shards:
+        parts.append(_webdataset_shards(listing.shards, shuffle_seed, max_file_mb << 20))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
 def _class_folders(images: list[tuple[storage.Listed, str]], shuffle_seed: int | None, max_bytes: int):

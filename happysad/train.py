@@ -208,12 +208,13 @@ class Prepared:
     cache: dict  # {"mode": "memory" | "none", "reason": why}
 
 
-def prepare_datasets(config: TrainConfig, uris: list[str]) -> Prepared:
+def prepare_datasets(config: TrainConfig, listing: sources.Listing) -> Prepared:
     """Index every row, count, refuse unusable data, then each split, padded (cached or streamed: `--cache`)."""
     split_args = {"seed": config.seed, "val_fraction": config.val_fraction, "test_fraction": config.test_fraction}
     with _ordered():
-        labelled, listing_skipped = sources.labelled_images(uris, shuffle_seed=config.seed)
-        cache = choose_cache(config, uris, labelled)
+        labelled = sources.labelled_images(listing, shuffle_seed=config.seed)
+        listing_skipped = listing.skipped
+        cache = choose_cache(config, listing, labelled)
         print(f"cache: {cache['mode']} ({cache['reason']})", flush=True)
         memory = cache["mode"] == "memory"
         # The index keeps the decoded images only when they are the cache; streamed, it is a few bytes a row.
@@ -222,7 +223,7 @@ def prepare_datasets(config: TrainConfig, uris: list[str]) -> Prepared:
         counts, skipped, conflicts = count_rows(index)
         skipped.update(listing_skipped)
         count_table = {s: {c: counts[(s, c)] for c in CLASSES} for s in SPLITS}
-        _check_counts(config, uris, count_table, skipped)
+        _check_counts(config, listing.uris, count_table, skipped)
         datasets, rows, real = {}, {}, {}
         for split in SPLITS:
             real[split] = sum(count_table[split].values())
@@ -255,12 +256,12 @@ def _ordered():
         options.preserve_order = saved
 
 
-def choose_cache(config: TrainConfig, uris: list[str], labelled) -> dict:
+def choose_cache(config: TrainConfig, listing: sources.Listing, labelled) -> dict:
     """--cache's decision for this data on this cluster: {"mode": "memory" | "none", "reason": ...}."""
     import ray
 
     resources = ray.cluster_resources()
-    images, how = count_images(uris, labelled) if config.cache == "auto" else (0, "")
+    images, how = count_images(listing, labelled) if config.cache == "auto" else (0, "")
     store, cpus = resources.get("object_store_memory", 0), resources.get("CPU", 0)
     return cache_mode(config.cache, images, how, store, cpus, config.workers)
 
@@ -294,21 +295,16 @@ def cache_mode(flag: str, images: int, how: str, store: float, cpus: float, work
     return {"mode": "none", "reason": reason + ": decoding every epoch"}
 
 
-def count_images(uris: list[str], labelled) -> tuple[int, str]:
+def count_images(listing: sources.Listing, labelled) -> tuple[int, str]:
     """Rows the data will have, before anything is decoded, and how that was found.
 
     Class folders: files under happy/ or sad/ in the listing (an upper bound: a
     few may not decode). WebDataset shards hold an unknown number of samples:
     then a count pass reads the bytes, without decoding them.
     """
-    files = 0
-    for uri in uris:
-        root = inputs.absolute(uri) + "/"
-        names = [item.uri[len(root) :] for item in storage.list_files(uri)[0]]
-        if any("/" not in name and name.lower().endswith(".tar") for name in names):
-            return labelled.count(), "counted: WebDataset shards read, not decoded"
-        files += sum(name.split("/")[0] in CLASSES and "/" in name for name in names)
-    return files, "from the listing"
+    if listing.shards:
+        return labelled.count(), "counted: WebDataset shards read, not decoded"
+    return len(listing.images), "from the listing"
 
 
 def _check_counts(config: TrainConfig, uris: list[str], counts: dict, skipped: Counter) -> None:
@@ -458,11 +454,11 @@ def run(config: TrainConfig) -> dict:
     record = run_record(config)
     if config.resume:
         _check_resume(output, record)
-    uris = list(config.data) or [str(synth.demo_data())]
+    listing = sources.list_labelled(list(config.data) or [str(synth.demo_data())])  # a typo is answered here, before Ray
     started = time.perf_counter()
     console.join_ray()
     gpus.refuse_unless_one_can_come(config.gpu)
-    data = prepare_datasets(config, uris)
+    data = prepare_datasets(config, listing)
     log.info("data: %s; skipped: %s", data.counts, data.skipped or "none")
     output = output or _new_run_dir()  # made only now: a run refused for its input leaves no empty folder
     # Recorded before the first checkpoint: a later --resume is checked against it.

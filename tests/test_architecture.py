@@ -3,7 +3,6 @@ ARCHITECTURE.md names every module on the floor its imports put it (read with `a
 
 import ast
 import re
-from pathlib import Path
 
 from conftest import REPO
 

@@ -46,3 +46,30 @@ def test_predict_of_a_name_that_is_not_a_file_exits_2_like_explain(model_file, t
         reason = "no such file" if what == "missing" else "not a file"
         assert result.stderr.strip().splitlines() == [f"happysad {command}: error: IMAGE {target}: {reason}"]
     assert time.monotonic() - started < 30  # refused before the model loads
+
+
+NO_RAY = "127.0.0.1:9"  # nothing listens: a command that tried to start or join Ray would fail
+
+
+def without_ray() -> dict:
+    import os
+
+    return dict(os.environ, RAY_ADDRESS=NO_RAY)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_typo_in_data_is_answered_before_ray(command, model_file, tmp_path):
+    extra = ["--model", str(model_file), "--output", str(tmp_path / "eval")] if command == "evaluate" else []
+    result = run_cli(command, "--data", str(tmp_path / "typo"), *extra, env=without_ray())
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"happysad {command}: error: --data {tmp_path / 'typo'}: no such folder or prefix"
+    ]
+
+
+def test_an_empty_input_warns_and_nothing_to_score_starts_no_ray(model_file, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("score", "--model", str(model_file), "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out"),
+                     env=without_ray())
+    assert result.returncode == 0, result.stderr
+    assert f"warning: --input {tmp_path / 'empty'}: no files in it" in result.stderr
+    assert "scored 0 inputs in " in result.stdout and "; 0 rows in all: 0 happy, 0 sad;" in result.stdout

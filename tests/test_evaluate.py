@@ -182,11 +182,11 @@ def test_s3_folders_and_local_shards_in_s3_out(ray_session, s3, labelled_set, ti
     assert b"id='confusion-matrix'" in storage.read_bytes(f"{output}/report.html")
     # A thumbnail's bytes: a file is read directly (the data set is not even listed), a shard member found in it.
     from happysad.report import fetch_images
-    from happysad.sources import labelled_images
+    from happysad.sources import labelled_images, list_labelled
 
     member, file = next(iter(shard_labels)), next(p for p in paths if p.startswith(f"{data}/sad/"))
     assert list(fetch_images(lambda: pytest.fail("listed the data set for a file"), [file])) == [file]
-    found = fetch_images(lambda: labelled_images([data, str(tiny_shards)])[0], [member, file])
+    found = fetch_images(lambda: labelled_images(list_labelled([data, str(tiny_shards)])), [member, file])
     assert all(decode_image(found[p]).shape == (256, 256, 3) for p in (member, file))
 
 

@@ -232,7 +232,7 @@ def test_inputs_are_resolved_deduplicated_and_failed_reads_retried(ray_session, 
 
     rows, stdout = score()
     errors = {r["path"]: r["error"] for r in rows}
-    assert len(rows) == len(errors) == 5 and "scored 5 inputs (5 rows in all)" in stdout
+    assert len(rows) == len(errors) == 5 and "scored 5 inputs in " in stdout and "; 5 rows in all: " in stdout
     assert errors == {str(photos / n): None for n in (f"{list(images)[0]}", f"sub/{list(images)[1]}", f"sub/{list(images)[2]}")} | {
         str(later): "read_failed", str(photos / "batch.tar"): "read_failed"
     }
@@ -246,12 +246,12 @@ def test_inputs_are_resolved_deduplicated_and_failed_reads_retried(ray_session, 
     args[args.index("photos/sub")] = str(photos / "sub")  # spelled differently: the same files
     rows, stdout = score()
     errors = {r["path"]: r["error"] for r in rows}
-    assert len(rows) == len(errors) == 6 and "scored 3 inputs (6 rows in all)" in stdout
+    assert len(rows) == len(errors) == 6 and "scored 3 inputs in " in stdout and "; 6 rows in all: " in stdout
     assert errors[str(later)] is None and str(photos / "batch.tar") not in errors
     assert sum(p.startswith(f"{photos / 'batch.tar'}#") for p in errors) == 2
 
     rows, stdout = score()
-    assert len(rows) == 6 and "scored 0 inputs (6 rows in all)" in stdout
+    assert len(rows) == 6 and "scored 0 inputs in " in stdout and "; 6 rows in all: " in stdout
 
 
 def test_a_second_run_on_the_same_output_is_refused(model_file, mixed_inputs, tmp_path):

@@ -16,9 +16,9 @@ from happysad.storage import UsageError
 
 
 def rows_of(uris: list[str]) -> list[dict]:
-    ds, skipped = sources.labelled_images(uris)
-    assert skipped == {}
-    return ds.take_all()
+    listing = sources.list_labelled(uris)
+    assert listing.skipped == {}
+    return sources.labelled_images(listing).take_all()
 
 
 def rows_by_key(uri: str) -> dict:
@@ -53,8 +53,8 @@ def test_every_file_is_a_row_or_counted(ray_session, tiny_folders, tmp_path):
     (root / "sad" / ".cache" / "thumb.jpg").write_bytes(b"junk")
     (nested / ".hidden.jpg").write_bytes(b"junk")
     (root / "README.txt").write_text("not in a class folder")
-    ds, skipped = sources.labelled_images([str(root)])
-    rows = ds.take_all()
+    listing = sources.list_labelled([str(root)])
+    rows, skipped = sources.labelled_images(listing).take_all(), listing.skipped
     paths = {r["path"]: r for r in rows}
     assert len(rows) == 24 + 4 and skipped == {"hidden": 3, "no_label": 1}
     for name in (nested / "copy.JPG", root / "happy" / "_IMG_0001.jpg", root / "happy" / "_export" / "b.jpg"):
@@ -147,7 +147,7 @@ def test_unusable_uris_fail_before_work_naming_the_uri(ray_session, tmp_path, s3
     }
     for uri, expected in cases.items():
         with pytest.raises(UsageError) as info:
-            sources.labelled_images([uri])
+            sources.list_labelled([uri])
         assert uri in str(info.value) and expected in str(info.value)
         assert "\n" not in str(info.value)
 

@@ -290,7 +290,7 @@ def test_one_class_data_is_refused_unless_allowed(ray_session, tiny_folders, tmp
     with pytest.raises(UsageError, match=r"^--data .*no usable sad images.*--allow-one-class"):
         run(TrainConfig(data=(str(data),), output=str(tmp_path / "run"), epochs=1, batch_size=8))
     allowed = _config(TrainConfig, build_parser().parse_args(["train", "--data", str(data), "--allow-one-class"]))
-    prepared = prepare_datasets(allowed, [str(data)])
+    prepared = prepare_datasets(allowed, sources.list_labelled([str(data)]))
     assert [sum(prepared.counts[s][c] for s in prepared.counts) for c in ("happy", "sad")] == [12, 0]
 
 
@@ -350,7 +350,7 @@ def test_conflicting_copies_are_skipped_and_splits_padded_for_four_workers_cache
     shutil.copy(happy_train, data / "sad" / "same-bytes-other-label.png")
 
     config = TrainConfig(data=(str(data),), workers=4, batch_size=8)
-    prepared = prepare_datasets(config, [str(data)])
+    prepared = prepare_datasets(config, sources.list_labelled([str(data)]))
     assert prepared.cache == {"mode": "memory", "reason": prepared.cache["reason"]}
     assert prepared.cache["reason"].startswith("25 images (from the listing) decode to 5 MB, within 50% of the")
     assert prepared.skipped == {"conflicting_label": 2}
@@ -364,7 +364,7 @@ def test_conflicting_copies_are_skipped_and_splits_padded_for_four_workers_cache
     assert prepared.rows["test"] == 4  # 1 real row + 3 weight-0 copies: one per worker
 
     # Streamed (decoded again each epoch): the same rows, padding included, in the same order.
-    streamed = prepare_datasets(replace(config, cache="none"), [str(data)])
+    streamed = prepare_datasets(replace(config, cache="none"), sources.list_labelled([str(data)]))
     assert streamed.cache == {"mode": "none", "reason": "--cache none"}
     assert (streamed.counts, streamed.skipped, streamed.rows) == (prepared.counts, prepared.skipped, prepared.rows)
     for split, ds in streamed.datasets.items():
@@ -375,8 +375,8 @@ def test_conflicting_copies_are_skipped_and_splits_padded_for_four_workers_cache
 
 def test_cache_estimate_lists_class_folders_and_counts_shard_samples(ray_session, tiny_folders, tiny_shards):
     for root, how in ((tiny_folders, "from the listing"), (tiny_shards, "counted: WebDataset shards read, not decoded")):
-        labelled, _ = sources.labelled_images([str(root)])
-        assert count_images([str(root)], labelled) == (24, how)
+        listing = sources.list_labelled([str(root)])
+        assert count_images(listing, sources.labelled_images(listing)) == (24, how)
     with pytest.raises(UsageError, match=r"^--cache disk: expected one of auto, memory, none$"):
         TrainConfig(cache="disk")
 
