@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from happysad import console, gpus, inputs, lock, metrics, progress, storage
+from happysad import console, gpus, inputs, lock, metrics, storage
 from happysad.decode import DecodeError, decode_image
 from happysad.model import CLASSES, IMAGE_SIZE, check_model_file, file_digest
 from happysad.storage import UsageError
@@ -247,12 +247,6 @@ def _complete_parquet_rows(fs, path: str) -> int | None:
         return None
 
 
-def _staged_rows(fs, staging_path: str) -> int:
-    """Rows in the complete Parquet files written so far into one staging folder."""
-    files = fs.get_file_info(pafs.FileSelector(staging_path, allow_not_found=True, recursive=True))
-    return sum(_complete_parquet_rows(fs, f.path) or 0 for f in files if f.is_file and f.base_name.endswith(".parquet"))
-
-
 def _output_files(output: str) -> pads.Dataset | None:
     """The output's Parquet files: `*.parquet` in the folder itself, not hidden (staging) or `_` (our record).
     Anything else a user keeps there (a NOTES.txt) is left alone."""
@@ -417,7 +411,7 @@ def _pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.
                 num_cpus=0,
                 # ...so without a cap Ray would start a reader, each a Python process, for every archive
                 # that fits in memory at once: 300 archives started 38 workers on 2 cores.
-                compute=ray.data.TaskPoolStrategy(size=max(READERS_MIN, int(2 * ray.cluster_resources().get("CPU", 0)))),
+                compute=ray.data.TaskPoolStrategy(size=min(len(archives), max(READERS_MIN, int(2 * ray.cluster_resources().get("CPU", 0))))),
                 runtime_env=worker_env,
                 max_retries=node_loss_retries,
             )
@@ -469,13 +463,13 @@ def run(config: ScoreConfig) -> dict:
         if todo.files.num_rows or todo.archives:  # nothing left to score: no Ray start at all
             console.join_ray()
             gpus.refuse_unless_one_can_come(config.gpu)
-            pipeline = build_pipeline(config, model, todo, done)
-            scoring_started = time.perf_counter()
-            staging = storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}")
-            fs, staging_path = storage.filesystem(staging)
-            total = None if todo.archives else todo.files.num_rows  # archive members are counted as they stream
-            with progress.reporting("scored", lambda: _staged_rows(fs, staging_path), total):
-                pipeline.write_parquet(staging_path, filesystem=fs, max_rows_per_file=config.rows_per_file)
+            from happysad import progress  # Ray Data's execution hooks: imported once Ray is up
+
+            with progress.reporting("scored", todo.files.num_rows, bool(todo.archives)):
+                pipeline = build_pipeline(config, model, todo, done)
+                scoring_started = time.perf_counter()
+                fs, staging = storage.filesystem(storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}"))
+                pipeline.write_parquet(staging, filesystem=fs, max_rows_per_file=config.rows_per_file)
             new_rows = _finish_staged(config.output)
     seconds = time.perf_counter() - scoring_started
     rows, labels, errors = _summary(config.output)

@@ -327,3 +327,27 @@ def test_scores_agree_across_keras_backends(ray_session, model_file, mixed_input
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(result.stdout.split("\t")[2]) == pytest.approx(scores["tensorflow"][image], abs=1e-5)
+
+
+def test_progress_in_a_log_counts_inputs_against_a_total_that_includes_archive_members(ray_session, model_file, tmp_path):
+    """A line every second (HAPPYSAD_PROGRESS_S=1, the default is 10) on stderr, which is a pipe here: the count
+    is replicas' rows, the total the files plus the members listed so far ('+' while archives are still listed)."""
+    import re
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in good_images(240, seed=41).items():
+        (folder / name).write_bytes(data)
+    with zipfile.ZipFile(folder / "more.zip", "w") as archive:
+        for name, data in good_images(60, seed=42).items():
+            archive.writestr(name, data)
+    env = dict(os.environ, HAPPYSAD_PROGRESS_S="1")
+    result = run_cli("score", "--model", str(model_file), "--input", str(folder), "--output", str(tmp_path / "out"), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = re.findall(r"^scored: ([\d,]+)/([\d,]+)(\+?)", result.stderr, re.M)
+    assert len(lines) >= 2, result.stderr[-3000:]
+    done = [int(d.replace(",", "")) for d, _, _ in lines]
+    assert done == sorted(done) and done[-1] <= 300
+    final = [int(t.replace(",", "")) for _, t, more in lines if not more]
+    assert all(total == 300 for total in final) and all(int(t.replace(",", "")) <= 300 for _, t, _ in lines)
+    assert "\x1b[" not in result.stderr and "Running Dataset" not in result.stderr  # no Ray Data progress block
