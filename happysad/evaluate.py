@@ -123,6 +123,8 @@ def run(config: EvaluateConfig) -> dict:
     model = score.open_model(config.model, config.threshold)  # a bad model fails here, before anything runs
     if storage.file_type(config.output) == pafs.FileType.File:
         raise UsageError(f"--output {config.output}: is a file; give a folder")
+    if storage.file_type(storage.join(config.output, "evaluation.json")) != pafs.FileType.NotFound:  # as train: never over
+        raise UsageError(f"--output {config.output}: already holds an evaluation; give a new folder")
     listing = sources.list_labelled(list(config.data))  # a typo is answered here, before Ray starts
     console.join_ray()  # read tasks and replicas reach the same S3 endpoint as this process
     gpus.refuse_unless_one_can_come(config.gpu)

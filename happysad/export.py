@@ -78,6 +78,8 @@ def _check_out(config: ExportConfig) -> None:
         raise UsageError(f"--out {config.out}: already exists; give a new folder (TF Serving versions: model/1, model/2)")
     if config.format == "tflite" and kind == pafs.FileType.Directory:
         raise UsageError(f"--out {config.out}: is a folder; give a file name such as happysad.tflite")
+    if config.format == "tflite" and kind == pafs.FileType.File:  # as train, evaluate and SavedModel: never written over
+        raise UsageError(f"--out {config.out}: already exists; give a new file name")
 
 
 def _publish_folder(local: Path, out: str) -> None:

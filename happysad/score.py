@@ -107,7 +107,9 @@ def resolve_model(uri: str) -> str:
         runs = glob.glob(os.path.join("runs", "*", "model.keras"))
         if not runs:
             raise UsageError("--model not given and no runs/*/model.keras here: train first or pass --model")
-        return os.path.abspath(max(runs, key=os.path.getmtime))  # newest by modification time
+        newest = os.path.abspath(max(runs, key=os.path.getmtime))  # by modification time
+        print(f"--model not given: the newest run's, {newest}", file=sys.stderr, flush=True)
+        return newest
     kind = storage.file_type(uri)
     if kind == pafs.FileType.Directory:
         uri = storage.join(uri, "model.keras")

@@ -63,6 +63,8 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
 
     with strategy.scope():
         model, state = _restore_or_build(config)
+        if state["epoch"] and rank == 0:  # `--resume`, or a worker group restarted after a failure
+            console.say(f"resuming from epoch {state['epoch'] + 1} of {config.epochs} (the checkpoint holds {state['epoch']} trained)")
         optimizer = model.optimizer
         train_metrics = _metrics(keras, "train")
         val_metrics = _metrics(keras, "val")

@@ -214,6 +214,7 @@ def test_job_entry_point_with_a_threshold_override(ray_session, tiny_folders, ru
         (["--data", "DATA", "--output", "OUT", "--model", "MODEL", "--threshold", "2"], "--threshold"),
         (["--data", "DATA", "--output", "OUT", "--model", "CORRUPT"], "--model CORRUPT"),
         (["--data", "DATA", "--output", "OUT", "--model", "LAMBDA"], "layer 'Lambda' is not part of the happysad CNN"),
+        (["--data", "DATA", "--output", "DONE", "--model", "MODEL"], "--output DONE: already holds an evaluation"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_and_nothing_run(args, named, run_dir, labelled_set, lambda_model, tmp_path):
@@ -221,11 +222,14 @@ def test_bad_arguments_exit_2_with_one_line_and_nothing_run(args, named, run_dir
     corrupt.write_bytes((run_dir / "model.keras").read_bytes()[:5000])
     values = {
         "MODEL": str(run_dir), "CORRUPT": str(corrupt), "LAMBDA": str(lambda_model[0]),
-        "DATA": str(labelled_set), "OUT": str(tmp_path / "out"),
+        "DATA": str(labelled_set), "OUT": str(tmp_path / "out"), "DONE": str(tmp_path / "done"),
     }
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "evaluation.json").write_text("{}")  # an earlier evaluation: never written over
     started = time.monotonic()
     result = run_cli("evaluate", *[values.get(a, a) for a in args])
     assert result.returncode == 2, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and named.replace("CORRUPT", str(corrupt)) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert named.replace("CORRUPT", str(corrupt)).replace("DONE", str(tmp_path / "done")) in result.stderr
     assert time.monotonic() - started < 60  # refused in the driver, before any scoring
     assert not lambda_model[1].exists() and not (tmp_path / "out").exists()

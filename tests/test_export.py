@@ -77,16 +77,19 @@ def test_tflite_gives_the_keras_scores(model_file, faces, keras_scores, tmp_path
         (["--format", "onnx", "--out", "OUT"], "argument --format: invalid choice: 'onnx'"),
         (["--format", "savedmodel", "--out", "EXISTING"], "already exists"),
         (["--format", "tflite", "--out", "EXISTING"], "is a folder"),
+        (["--format", "tflite", "--out", "EXISTING_FILE"], "already exists; give a new file name"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(model_file, tmp_path, args, named):
     existing = tmp_path / "existing"
     existing.mkdir()
-    values = {"OUT": str(tmp_path / "out"), "EXISTING": str(existing)}
+    (tmp_path / "existing.tflite").write_bytes(b"an earlier export")
+    values = {"OUT": str(tmp_path / "out"), "EXISTING": str(existing), "EXISTING_FILE": str(tmp_path / "existing.tflite")}
     result = run_cli("export", "--model", str(model_file), *[values.get(a, a) for a in args])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert named in result.stderr
     assert not (tmp_path / "out").exists() and not list(existing.iterdir())
+    assert (tmp_path / "existing.tflite").read_bytes() == b"an earlier export"
 
 
 def test_a_lambda_model_is_refused_without_running_it(lambda_model, tmp_path):

@@ -270,7 +270,7 @@ def test_a_second_run_on_the_same_output_is_refused(model_file, mixed_inputs, tm
         holder.wait()
 
 
-def test_default_model_is_the_newest_run(tmp_path, monkeypatch, model_file):
+def test_default_model_is_the_newest_run(tmp_path, monkeypatch, model_file, capsys):
     from happysad.score import resolve_model
 
     monkeypatch.chdir(tmp_path)
@@ -280,6 +280,7 @@ def test_default_model_is_the_newest_run(tmp_path, monkeypatch, model_file):
         target.write_bytes(model_file.read_bytes())
         os.utime(target, (time.time() - age, time.time() - age))
     assert resolve_model("") == str(tmp_path / "runs" / "20261127-013000" / "model.keras")
+    assert capsys.readouterr().err == f"--model not given: the newest run's, {tmp_path / 'runs' / '20261127-013000' / 'model.keras'}\n"
 
 
 def test_ray_job_submit_runs_score(ray_session, model_file, mixed_inputs, tmp_path):

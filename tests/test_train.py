@@ -244,7 +244,10 @@ def test_resume_continues_refuses_changed_flags_and_keeps_one_scalar_per_epoch(r
 
     # More epochs and more files are allowed: a file's split depends only on its bytes.
     add_new_image(data, tmp_path)
-    resumed = run(TrainConfig(**base | {"epochs": 2, "resume": True}))
+    result = run_cli("train", "--data", str(data), "--output", str(output), "--epochs", "2", "--batch-size", "8", "--resume", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from epoch 2 of 2 (the checkpoint holds 1 trained)" in result.stdout, result.stdout[-3000:]
+    resumed = json.loads((output / "metrics.json").read_text())
     history = (output / "history.csv").read_text().splitlines()
     assert resumed["epochs"] == 2
     assert sum(sum(c.values()) for c in resumed["counts"].values()) == 25
