@@ -431,17 +431,3 @@ def delete(uri: str) -> None:
         fs.delete_file(path)
     except FileNotFoundError:
         pass
-
-
-def s3_put_if_absent(uri: str, data: bytes) -> bool:
-    """PUT an object only if none exists at `uri` (S3 conditional write); False if one does."""
-    from botocore.exceptions import ClientError
-
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    try:
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        return True
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return False
-        raise

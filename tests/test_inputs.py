@@ -1,10 +1,7 @@
-"""Scoring inputs without Ray: listing, names, de-duplication, damaged and hostile archives, the lock."""
+"""Scoring inputs without Ray: listing, names, de-duplication, damaged and hostile archives."""
 
 import io
 import os
-import socket
-import subprocess
-import sys
 import tarfile
 import urllib.parse
 import zipfile
@@ -14,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import BUCKET
-from happysad import inputs, lock, storage, synth
+from happysad import inputs, storage, synth
 from happysad.storage import UsageError
 
 JPEG = next(s.data for s in (synth.sample(5, i) for i in range(10)) if s.extension == "jpg")
@@ -232,31 +229,3 @@ def test_a_compressed_tar_streams_in_capped_blocks_and_other_jobs_keep_ray_defau
             assert (context.target_max_block_size, context.execution_options.resource_limits.object_store_memory) == (default_block, default_store)
     after = ray.data.DataContext.get_current()  # the driver's own context is left as it was
     assert (after.target_max_block_size, after.execution_options.resource_limits.object_store_memory) == (default_block, default_store)
-
-
-def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
-    uri = str(tmp_path / "out" / ".lock")
-    with lock.held(uri, "--output", "out"):
-        with pytest.raises(UsageError, match="--output out: another run"):
-            with lock.held(uri, "--output", "out"):
-                pass
-    assert not os.path.exists(uri)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    Path(uri).write_text(f'{{"run": "x", "host": "{socket.gethostname()}", "pid": {dead.pid}, "heartbeat": 0}}')
-    with lock.held(uri, "--output", "out"):
-        assert '"run": "x"' not in Path(uri).read_text()
-
-
-def test_s3_lock_is_an_exclusive_create(s3_server):
-    uri = f"s3://{BUCKET}/locks/.lock"
-    assert storage.s3_put_if_absent(uri, b"one")
-    assert not storage.s3_put_if_absent(uri, b"two")
-    assert storage.read_bytes(uri) == b"one"
-    storage.delete(uri)
-    with lock.held(uri, "--output", "s3"):
-        assert b'"pid"' in storage.read_bytes(uri)
-        with pytest.raises(UsageError, match="--output s3: another run"):
-            with lock.held(uri, "--output", "s3"):
-                pass
-    assert storage.s3_put_if_absent(uri, b"x")  # released: the object was deleted

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 from conftest import BUCKET, REPO
 
@@ -253,3 +254,27 @@ def test_of_two_takeovers_of_one_stale_lock_only_one_lands(s3_server):
     assert json.loads(storage.read_bytes(uri)) == {"run": "first"}
     first.release()
     assert read(uri) is None
+
+
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+    uri = str(tmp_path / "out" / ".lock")
+    with lock.held(uri, "--output", "out"):
+        with pytest.raises(UsageError, match="--output out: another run"):
+            with lock.held(uri, "--output", "out"):
+                pass
+    assert not os.path.exists(uri)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Path(uri).write_text(f'{{"run": "x", "host": "{socket.gethostname()}", "pid": {dead.pid}, "heartbeat": 0}}')
+    with lock.held(uri, "--output", "out"):
+        assert '"run": "x"' not in Path(uri).read_text()
+
+
+def test_s3_lock_is_an_exclusive_create(s3_server):
+    uri = f"s3://{BUCKET}/locks/.lock"
+    with lock.held(uri, "--output", "s3"):
+        assert b'"pid"' in storage.read_bytes(uri)
+        with pytest.raises(UsageError, match="--output s3: another run"):
+            with lock.held(uri, "--output", "s3"):
+                pass
+    assert storage.file_type(uri) == pafs.FileType.NotFound  # released: the object was deleted
