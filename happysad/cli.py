@@ -57,7 +57,7 @@ def _add_make_data(sub) -> None:
 def _add_score(sub) -> None:
     p = sub.add_parser("score", help="score images to Parquet, one row per input")
     p.add_argument("--model", type=expand_uri, help="a .keras file or run directory (default: newest runs/*/model.keras by time)")
-    p.add_argument("--input", type=expand_uri, action="append", help="image file, folder, s3:// prefix or .tar/.tar.gz/.zip; repeatable")
+    p.add_argument("--input", type=expand_uri, action="append", help="image file (JPEG, PNG, WEBP, TIFF, BMP, GIF, AVIF), folder, s3:// prefix or .tar/.tar.gz/.zip; repeatable")
     p.add_argument("--output", type=expand_uri, help="folder or s3:// prefix for the Parquet files (required)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call")
     p.add_argument("--concurrency", type=int, default=0, help="model replicas (default: from one, growing as nodes join)")
