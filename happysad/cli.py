@@ -1,4 +1,4 @@
-"""The `happysad` command: train, score, predict, evaluate, explain, export, make-data.
+"""The `happysad` command: train, score, predict, evaluate, explain, export, make-data, report, label.
 
 `python jobs/train.py ARGS` is `happysad train ARGS` (likewise score). Exit
 codes: 0 success, 2 bad arguments or unusable input (one line, no
@@ -52,6 +52,10 @@ def _add_make_data(sub) -> None:
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards", type=int, default=0, help="write K WebDataset .tar shards instead of class folders")
+    p.add_argument(
+        "--background", choices=("any", "dark", "light"), default="any",
+        help="backgrounds of any colour (default), or only dark or light ones: a shifted set, for drift",
+    )
 
 
 def _add_score(sub) -> None:
@@ -126,6 +130,25 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--max-file-mb", type=int, default=64, help="larger files are 'too_large', never read")
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="rebuild a scoring run's _report.html and _summary.json from its Parquet alone")
+    p.add_argument("--scores", type=expand_uri, help="the --output folder (or s3:// prefix) of a scoring run (required)")
+    p.add_argument(
+        "--model", type=expand_uri,
+        help="a .keras file or run directory whose validation scores drift is measured against (default: the run's model, in _scoring.json)",
+    )
+
+
+def _add_label(sub) -> None:
+    p = sub.add_parser("label", help="copy borderline (or a band of) scored images out for labelling; --apply adds labelled ones to a data set")
+    p.add_argument("--scores", type=expand_uri, help="the --output folder of a scoring run to take images from")
+    p.add_argument("--out", type=expand_uri, help="folder for unlabelled/ (the copies) and labels.csv")
+    p.add_argument("--band", help="LO:HI: images scored in [LO, HI] (default: the ones nearest the threshold)")
+    p.add_argument("--limit", type=int, help="most images to copy (default 48)")
+    p.add_argument("--apply", type=expand_uri, metavar="CSV", help="a labels.csv with its label column filled in: copy each labelled image...")
+    p.add_argument("--into", type=expand_uri, metavar="DATA", help="...into DATA/happy/ or DATA/sad/ (a training --data folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="happysad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -136,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(sub)
     _add_export(sub)
     _add_evaluate(sub)
+    _add_report(sub)
+    _add_label(sub)
     for command in sub.choices.values():
         command.add_argument("--verbose", action="store_true", help="show Ray's and TensorFlow's own log lines")
     parser.set_defaults(commands=sub.choices)
@@ -174,7 +199,7 @@ def _run(args: argparse.Namespace) -> None:
 
         if args.n < 1 or args.shards < 0:
             raise UsageError("--n must be >= 1 and --shards >= 0")
-        out = synth.make_data(args.out, args.n, args.seed, args.shards)
+        out = synth.make_data(args.out, args.n, args.seed, args.shards, args.background)
         print(f"wrote {args.n} images to {out}")
     elif args.command == "train":
         from happysad import train
@@ -199,6 +224,48 @@ def _run(args: argparse.Namespace) -> None:
         from happysad import export
 
         export.run(_config(export.ExportConfig, args))
+    elif args.command == "report":
+        _report(args)
+    elif args.command == "label":
+        _label(args)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from happysad import score, score_report
+
+    if not args.scores:
+        raise UsageError("--scores is required: the --output folder of a scoring run")
+    model = score.resolve_model(args.model) if args.model else None
+    summary = score_report.rebuild(args.scores, model)
+    drift = summary["drift"]
+    measured = f"PSI {drift['psi']:.3f} ({drift['psi_level']}), KS {drift['ks']:.3f}" if drift["psi"] is not None else f"not measured: {drift['reason']}"
+    print(f"wrote {score_report.PAGE} and {score_report.SUMMARY} for {summary['rows']} rows in {args.scores}; drift against validation: {measured}")
+
+
+def _label(args: argparse.Namespace) -> None:
+    from happysad import label
+
+    copying = {"--scores": args.scores, "--out": args.out, "--band": args.band, "--limit": args.limit}
+    if args.apply or args.into:
+        given = [flag for flag, value in copying.items() if value is not None]
+        if given:
+            raise UsageError(f"--apply and --into add labelled images to a data set; {', '.join(given)} copy images out: one or the other")
+        if not (args.apply and args.into):
+            raise UsageError("--apply CSV and --into DATA go together")
+        done = label.apply(args.apply, args.into)
+        skipped = f"; not copied: {done['not_copied']}" if done["not_copied"] else ""
+        print(
+            f"copied {done['happy']} happy and {done['sad']} sad images into {args.into}; {done['unlabelled']} rows unlabelled, "
+            f"{done['already_there']} already there{skipped}"
+        )
+        return
+    if not (args.scores and args.out):
+        raise UsageError("--scores OUT and --out DIR are required (or --apply CSV --into DATA)")
+    band = label.parse_band(args.band) if args.band is not None else None
+    done = label.export(args.scores, args.out, band, label.DEFAULT_LIMIT if args.limit is None else args.limit)
+    chosen = f"scored in [{band[0]}, {band[1]}]" if band else f"nearest the threshold {done['threshold']:.3f}"
+    unreadable = f"; {len(done['not_readable'])} could not be read back: {done['not_readable']}" if done["not_readable"] else ""
+    print(f"copied {done['copied']} images {chosen} into {args.out}/{label.FOLDER}/; label them in {done['csv']}{unreadable}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,3 +188,126 @@ def shown(metrics: dict, name: str) -> str:
     """A metric for a log line: 0.9512, or n/a with the reason."""
     value = metrics[name]
     return f"{value:.4f}" if value is not None else f"n/a ({metrics['undefined'][name]})"
+
+
+# --- drift: a scoring run's scores against the validation split's -------------------------------------------------
+
+DRIFT_BINS = 20  # fixed bins on [0, 1]: model.json's validation histogram and every scoring run's
+PSI_MODERATE, PSI_SHIFTED = 0.1, 0.25  # the credit-scoring rule of thumb (Siddiqi 2006; docs/scoring.md)
+PSI_PSEUDO_COUNT = 0.5  # added to each bin of both histograms, so an empty bin has a finite log ratio
+KS_CRITICAL_05 = 1.358  # c(0.05) of the two-sample Kolmogorov-Smirnov test: D > c * sqrt((n + m) / (n m))
+
+
+def score_histogram(scores, bins: int = DRIFT_BINS) -> np.ndarray:
+    """Counts of `scores` in `bins` equal bins on [0, 1] (int64); a score of 1 is in the last bin, NaN in none.
+
+    Bin i holds floor(score * bins) == i, computed in float64 from the float32 score:
+    every histogram that drift compares is made by this one function.
+    """
+    s = np.asarray(scores, np.float64).ravel()
+    s = s[np.isfinite(s)]
+    index = np.clip(np.floor(s * bins), 0, bins - 1).astype(np.int64)
+    return np.bincount(index, minlength=bins).astype(np.int64)
+
+
+def psi(reference, counts) -> float:
+    """Population stability index of `counts` against `reference` (two histograms on the same bins):
+    sum over bins of (p - q) * ln(p / q), p this run's share and q the reference's, each bin's count
+    plus PSI_PSEUDO_COUNT. 0 for the same shares; symmetric in the two."""
+    q = _shares(reference)
+    p = _shares(counts)
+    return float(max(0.0, np.sum((p - q) * np.log(p / q))))
+
+
+def _shares(counts) -> np.ndarray:
+    c = np.asarray(counts, np.float64) + PSI_PSEUDO_COUNT
+    return c / c.sum()
+
+
+def psi_by_chance(reference, counts) -> float:
+    """The PSI two samples of one distribution give on average, of the sizes and bins in use:
+    (k - 1) (1/n + 1/m), k the bins either sample fills (PSI is about a chi-square over n m / (n + m))."""
+    reference, counts = np.asarray(reference), np.asarray(counts)
+    n, m = reference.sum(), counts.sum()
+    k = int(np.sum((reference + counts) > 0))
+    return float(max(k - 1, 0) * (1 / n + 1 / m)) if n and m else float("nan")
+
+
+def ks_binned(reference, counts) -> tuple[float, int]:
+    """The two-sample Kolmogorov-Smirnov statistic from two histograms on the same bins, and the bin edge
+    (index into the bins' upper edges) where it is reached: the largest gap between the two cumulative
+    shares at a bin edge. The exact statistic of the scores is at least this (binning can only hide a gap)."""
+    a = np.cumsum(np.asarray(reference, np.float64))
+    b = np.cumsum(np.asarray(counts, np.float64))
+    gaps = np.abs(a / a[-1] - b / b[-1])
+    at = int(np.argmax(gaps))
+    return float(gaps[at]), at
+
+
+def ks_p_value(d: float, n: int, m: int) -> float:
+    """Asymptotic p-value of a two-sample KS statistic D for sample sizes n and m (Kolmogorov's
+    distribution with Stephens' small-sample correction, as in Numerical Recipes' probks)."""
+    ne = n * m / (n + m)
+    lam = (np.sqrt(ne) + 0.12 + 0.11 / np.sqrt(ne)) * d
+    if lam < 0.2:  # the series does not converge well here, and the answer is 1 to many places
+        return 1.0
+    j = np.arange(1, 101)
+    return float(np.clip(2 * np.sum((-1.0) ** (j - 1) * np.exp(-2 * j**2 * lam**2)), 0.0, 1.0))
+
+
+def drift(reference, counts) -> dict:
+    """This run's score histogram `counts` against the validation histogram `reference` (same bins):
+    PSI with its level and the PSI two samples of one distribution would give by chance, the binned KS
+    statistic with its p-value and 5 % critical value, and a reading of each in plain words.
+    Undefined (None, with the reason) when either histogram is empty."""
+    reference, counts = np.asarray(reference, np.int64), np.asarray(counts, np.int64)
+    n_ref, n = int(reference.sum()), int(counts.sum())
+    base = {"bins": len(reference), "range": [0.0, 1.0], "reference_n": n_ref, "n": n}
+    if len(reference) != len(counts):
+        raise ValueError(f"histograms of {len(reference)} and {len(counts)} bins cannot be compared")
+    if not n_ref or not n:
+        reason = "the validation split had no scores" if not n_ref else "this run has no scored image"
+        return base | {"psi": None, "ks": None, "reason": reason}
+    value = psi(reference, counts)
+    chance = psi_by_chance(reference, counts)
+    level = "stable" if value < PSI_MODERATE else "moderate" if value < PSI_SHIFTED else "shifted"
+    d, at = ks_binned(reference, counts)
+    p_value = ks_p_value(d, n_ref, n)
+    critical = KS_CRITICAL_05 * np.sqrt((n_ref + n) / (n_ref * n))
+    edge = (at + 1) / len(reference)
+    below_ref = float(np.cumsum(reference)[at] / n_ref)
+    below_run = float(np.cumsum(counts)[at] / n)
+    return base | {
+        "psi": value, "psi_level": level, "psi_by_chance": chance,
+        "psi_rule": f"PSI < {PSI_MODERATE}: stable; {PSI_MODERATE} to {PSI_SHIFTED}: moderate shift; >= {PSI_SHIFTED}: shifted (Siddiqi 2006)",
+        "ks": d, "ks_p_value": p_value, "ks_critical_05": float(critical), "ks_at": edge,
+        "reading": {
+            "psi": _psi_reading(value, level, chance, n_ref),
+            "ks": _ks_reading(d, p_value, edge, below_ref, below_run),
+        },
+    }
+
+
+def _psi_reading(value: float, level: str, chance: float, n_ref: int) -> str:
+    words = {
+        "stable": "no meaningful shift: this run's scores are distributed as the validation split's were",
+        "moderate": "a moderate shift: the scores are distributed somewhat differently from validation; worth a look",
+        "shifted": "shifted: the scores are distributed differently from validation, so the error rates measured "
+        "there may not hold for these images",
+    }[level]
+    text = f"PSI {value:.3f}: {words}."
+    if level != "stable" and value < 2 * chance:
+        text += (
+            f" But with {n_ref} validation images, two samples of one distribution give a PSI near {chance:.3f} "
+            "by chance alone: read it as a hint, not a finding."
+        )
+    return text
+
+
+def _ks_reading(d: float, p_value: float, edge: float, below_ref: float, below_run: float) -> str:
+    chance = "unlikely to be chance (p < 0.05)" if p_value < 0.05 else "within what chance gives (p >= 0.05)"
+    return (
+        f"KS {d:.3f}: the largest gap between the two cumulative distributions is at score {edge:.2f}, "
+        f"where {below_run:.0%} of this run's images score below it against {below_ref:.0%} of validation's; "
+        f"p = {p_value:.2g}, {chance}."
+    )

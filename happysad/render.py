@@ -3,7 +3,8 @@
 `render` is pure: it takes metrics, curve points, counts and rows that already
 carry their thumbnails, and returns the HTML bytes; it never sees a model or
 Ray, so it is tested on hand-made arrays (report.page_for and report.training_page
-gather what a page needs).
+gather what a page needs). `scoring_page` is a scoring run's page, from what
+score_report gathered in its one pass (its hooks are in its docstring).
 
 Stable hooks for readers and tests: #metrics, #confusion-matrix, #roc-pr,
 #history (training only), #counts, #skipped, #worst (each thumbnail an
@@ -238,3 +239,187 @@ def _history_png(history: list[dict]) -> bytes:
         ax.legend(fontsize=9)
     fig.tight_layout()
     return _png(fig)
+
+
+# --- a scoring run's page (score_report gathers what it shows) -------------------------------------------------------
+
+SCORING_CSS = """
+.cards.five { grid-template-columns: repeat(5, 1fr); }
+.cards.two { grid-template-columns: repeat(2, 1fr); }
+.card.stable .value { color: #2f7d4a; } .card.moderate .value { color: #b7791f; } .card.shifted .value { color: #c2402f; }
+.card .level { font-size: 12px; color: #5b6475; }
+svg.histogram { width: 100%; height: auto; display: block; }
+.sheet { display: grid; grid-template-columns: repeat(8, 1fr); gap: 8px; }
+figure.sheet-item { margin: 0; background: #f7f8fb; border-radius: 8px; overflow: hidden; }
+figure.sheet-item .missing { aspect-ratio: 1; display: flex; align-items: center; justify-content: center; padding: 8px;
+  color: #9aa2b1; font-size: 11px; text-align: center; background: #eceef3; }
+td.examples { text-align: left; font-size: 11.5px; color: #5b6475; word-break: break-all; }
+td.examples code { display: block; }
+.reading { margin: 10px 0 0; }
+"""
+
+SHEET_TITLES = {
+    "sad": ("The most confident sad calls", "the highest scores called sad"),
+    "happy": ("The most confident happy calls", "the lowest scores called happy"),
+    "borderline": ("Borderline: the scores nearest the threshold", "what the model is least sure of, either side"),
+}
+
+
+def scoring_page(summary: dict, sheets: dict[str, list[dict]], reference: list[int] | None) -> bytes:
+    """A scoring run's page (_report.html). `summary`: _summary.json's dict (score_report.build); `sheets`: {sad, happy,
+    borderline: rows {path, score, and jpeg (bytes) or unreadable (why)}}; `reference`: the validation
+    histogram (metrics.DRIFT_BINS counts) or None.
+
+    Stable hooks: #counts (each card data-count=NAME), #errors (a row per reason, data-reason), #histogram
+    (svg.histogram), #drift (data-psi, data-ks, or p.note when not measured), #sheet-sad, #sheet-happy,
+    #sheet-borderline (each thumbnail an img.thumb inside figure.sheet-item, data-score), #info.
+    """
+    model = summary["model"]
+    subtitle = (
+        f"{summary['rows']} rows in {summary['output']}, scored by model {model['id'] or 'unknown'} at threshold "
+        f"{model['threshold']:.3f}: a score (P(sad)) at or above it is sad."
+    )
+    parts = [
+        f"<header><h1>Scoring run report</h1><p class='sub'>{_e(subtitle)}</p></header>",
+        _scoring_counts(summary),
+        _histogram_section(summary, reference),
+        _drift_section(summary["drift"]),
+        *(_sheet_section(name, rows) for name, rows in sheets.items()),
+        _info_section({"output": summary["output"], "model": model, "summary": "_summary.json beside this page: the same figures"}),
+    ]
+    body = "\n".join(parts)
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>Scoring run report</title><style>{CSS}{SCORING_CSS}</style></head>\n<body><main>\n{body}\n</main></body></html>\n"
+    ).encode()
+
+
+def _scoring_counts(summary: dict) -> str:
+    errors = summary["errors"]
+    cards = [("rows", "Rows", summary["rows"]), ("happy", "Happy", summary["labels"]["happy"]),
+             ("sad", "Sad", summary["labels"]["sad"]), ("errors", "Errors", sum(errors.values())),
+             ("scored", "Scored", summary["scored"])]
+    html_cards = "".join(
+        f"<div class='card' data-count='{key}'><div class='name'>{name}</div><div class='value'>{value:,}</div></div>"
+        for key, name, value in cards
+    )
+    if errors:
+        rows = "".join(
+            f"<tr data-reason='{_e(reason)}'><td class='left'>{_e(reason)}</td><td>{n:,}</td><td class='examples'>"
+            + "".join(f"<code>{_e(p)}</code>" for p in summary["error_examples"].get(reason, []))
+            + "</td></tr>"
+            for reason, n in errors.items()
+        )
+        table = (
+            "<table id='errors'><tr><th class='left'>error</th><th>rows</th><th class='left'>examples (the first "
+            f"paths, sorted)</th></tr>{rows}</table>"
+        )
+    else:
+        table = "<p id='errors' class='note'>No row has an error.</p>"
+    return f"<section id='counts'><h2>Counts</h2><div class='cards five'>{html_cards}</div><br>{table}</section>"
+
+
+def _histogram_section(summary: dict, reference: list[int] | None) -> str:
+    svg = _histogram_svg(summary["histogram"]["counts"], reference, summary["model"]["threshold"])
+    note = "Each bar: the share of this run's scored images in a 0.01-wide band of scores."
+    if reference is not None:
+        note += " The line: the validation split's share, spread evenly over each of its 0.05-wide bins."
+    return f"<section id='histogram'><h2>Scores</h2>{svg}<p class='note'>{note}</p></section>"
+
+
+def _histogram_svg(counts: list[int], reference: list[int] | None, threshold: float) -> str:
+    """Inline SVG: this run's shares per bin as bars (happy side green, sad side blue), the validation
+    shares as a step line, the threshold as a dashed line."""
+    width, height, left, right, top, bottom = 1000, 280, 56, 16, 28, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    n = sum(counts)
+    shares = [c / n if n else 0.0 for c in counts]
+    fine = len(counts)
+    ref_shares = []
+    if reference is not None and sum(reference):
+        per = fine // len(reference)
+        ref_shares = [c / sum(reference) / per for c in reference for _ in range(per)]
+    top_share = max([*shares, *ref_shares, 1e-9]) * 1.08
+
+    def x(value: float) -> float:
+        return left + value * plot_w
+
+    def y(share: float) -> float:
+        return top + plot_h * (1 - share / top_share)
+
+    out = [f"<svg class='histogram' viewBox='0 0 {width} {height}' role='img' aria-label='score histogram'>"]
+    for k in range(5):  # grid and share labels
+        share = top_share * k / 4
+        out.append(f"<line x1='{left}' x2='{width - right}' y1='{y(share):.1f}' y2='{y(share):.1f}' stroke='#e6e8ee'/>")
+        out.append(f"<text x='{left - 6}' y='{y(share) + 4:.1f}' font-size='11' text-anchor='end' fill='#5b6475'>{share:.1%}</text>")
+    for i, share in enumerate(shares):
+        if share:
+            colour = "#3566c8" if (i + 0.5) / fine >= threshold else "#3b9d5d"
+            out.append(
+                f"<rect x='{x(i / fine) + 0.5:.1f}' y='{y(share):.1f}' width='{plot_w / fine - 1:.1f}' "
+                f"height='{top + plot_h - y(share):.1f}' fill='{colour}'/>"
+            )
+    if ref_shares:
+        points = " ".join(f"{x(i / fine):.1f},{y(s):.1f} {x((i + 1) / fine):.1f},{y(s):.1f}" for i, s in enumerate(ref_shares))
+        out.append(f"<polyline points='{points}' fill='none' stroke='#e08a2c' stroke-width='2'/>")
+    out.append(f"<line x1='{x(threshold):.1f}' x2='{x(threshold):.1f}' y1='{top - 8}' y2='{top + plot_h}' stroke='#1d2330' stroke-width='1.5' stroke-dasharray='5,4'/>")
+    anchor = "end" if threshold > 0.85 else "start"
+    shift = -5 if anchor == "end" else 5
+    out.append(f"<text x='{x(threshold) + shift:.1f}' y='{top - 12}' font-size='12' text-anchor='{anchor}' fill='#1d2330'>threshold {threshold:.3f}</text>")
+    for tick in (0, 0.25, 0.5, 0.75, 1):
+        out.append(f"<text x='{x(tick):.1f}' y='{top + plot_h + 16}' font-size='11' text-anchor='middle' fill='#5b6475'>{tick:g}</text>")
+    out.append(f"<text x='{left + plot_w / 2:.1f}' y='{height - 6}' font-size='12' text-anchor='middle' fill='#5b6475'>score: P(sad)</text>")
+    legend = [("#3b9d5d", "rect", "called happy"), ("#3566c8", "rect", "called sad")]
+    if ref_shares:
+        legend.append(("#e08a2c", "line", f"validation ({sum(reference):,} images)"))
+    lx = left + 8
+    for colour, shape, label in legend:
+        mark = (f"<rect x='{lx}' y='{top + 2}' width='12' height='10' fill='{colour}'/>" if shape == "rect"
+                else f"<line x1='{lx}' x2='{lx + 12}' y1='{top + 7}' y2='{top + 7}' stroke='{colour}' stroke-width='2'/>")
+        out.append(mark + f"<text x='{lx + 16}' y='{top + 11}' font-size='11.5' fill='#1d2330'>{_e(label)}</text>")
+        lx += 30 + 7 * len(label)
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _drift_section(drift: dict) -> str:
+    head = "<h2>Drift against validation</h2>"
+    if drift.get("psi") is None:
+        return f"<section id='drift'>{head}<p class='note'>Not measured: {_e(drift.get('reason', 'no reference'))}.</p></section>"
+    cards = (
+        f"<div class='card {drift['psi_level']}'><div class='name'>PSI</div><div class='value'>{drift['psi']:.3f}</div>"
+        f"<div class='level'>{_e(drift['psi_level'])}; by chance alone about {drift['psi_by_chance']:.3f}</div></div>"
+        f"<div class='card'><div class='name'>KS</div><div class='value'>{drift['ks']:.3f}</div>"
+        f"<div class='level'>p = {drift['ks_p_value']:.2g}; 5 % critical value {drift['ks_critical_05']:.3f}</div></div>"
+    )
+    readings = "".join(f"<p class='reading'>{_e(text)}</p>" for text in drift["reading"].values())
+    rule = (
+        f"<p class='note'>This run's {drift['n']:,} scores against the {drift['reference_n']:,} validation scores kept in the "
+        f"model's model.json, both in {drift['bins']} equal bins on [0, 1]. PSI: {_e(drift['psi_rule'])}, the credit-scoring "
+        "rule of thumb (N. Siddiqi, <i>Credit Risk Scorecards</i>, Wiley 2006). KS: the largest gap between the two "
+        "cumulative distributions at a bin edge (the exact statistic is at least this).</p>"
+    )
+    return (
+        f"<section id='drift' data-psi='{drift['psi']:.6f}' data-ks='{drift['ks']:.6f}'>{head}"
+        f"<div class='cards two'>{cards}</div>{readings}{rule}</section>"
+    )
+
+
+def _sheet_section(name: str, rows: list[dict]) -> str:
+    title, what = SHEET_TITLES[name]
+    figures = "".join(_sheet_item(row) for row in rows) or "<p class='note'>No scored image.</p>"
+    note = f"<p class='note'>{len(rows)} images: {what}, from the whole run.</p>"
+    return f"<section id='sheet-{name}'><h2>{title}</h2>{note}<div class='sheet'>{figures}</div></section>"
+
+
+def _sheet_item(row: dict) -> str:
+    path = row["path"]
+    shown = path.rsplit("/", 1)[-1] if "#" not in path else path.split("#", 1)[0].rsplit("/", 1)[-1] + "#" + path.split("#", 1)[1]
+    if "jpeg" in row:
+        picture = f"<img class='thumb' alt='{_e(shown)}' src='data:image/jpeg;base64,{base64.b64encode(row['jpeg']).decode()}'>"
+    else:
+        picture = f"<div class='missing'>not shown: {_e(row.get('unreadable') or 'unreadable')}</div>"
+    return (
+        f"<figure class='sheet-item' data-score='{row['score']:.6f}'>{picture}<figcaption>P(sad) <b>{row['score']:.4f}</b>"
+        f"<div class='path' title='{_e(path)}'>{_e(shown)}</div></figcaption></figure>"
+    )

@@ -1,4 +1,4 @@
-"""The run directory's files: model.keras, model.json, metrics.json, history.csv, curves.png, tensorboard/,
+"""The run directory's files: model.keras, model.json (with the validation score histogram), metrics.json, history.csv, curves.png, tensorboard/,
 val_predictions.parquet, test_predictions.parquet and report.html.
 
 A metric that is undefined (no rows, or one class only) is None here, null in
@@ -31,9 +31,22 @@ WORKER_PREDICTIONS_DIRS = {"val": ".val-predictions", "test": ".test-predictions
 WORKER_PREDICTIONS = pa.schema([("path", pa.string()), ("score", pa.float32()), ("true_label", pa.string())])
 
 
-def model_json(threshold: float, classes, image_size: int) -> bytes:
-    """model.json beside model.keras: what `score` and `predict` need besides the weights."""
-    return json.dumps({"threshold": threshold, "classes": list(classes), "image_size": image_size}, indent=2).encode()
+def model_json(threshold: float, classes, image_size: int, val_histogram=None) -> bytes:
+    """model.json beside model.keras: what `score` and `predict` need besides the weights, and the validation
+    split's score histogram (`metrics.score_histogram`: counts in equal bins on [0, 1]) that a scoring run's
+    drift is measured against (`val_histogram`, absent for models trained before it was kept)."""
+    info = {"threshold": threshold, "classes": list(classes), "image_size": image_size}
+    if val_histogram is not None:
+        counts = [int(c) for c in val_histogram]
+        info["val_histogram"] = {"range": [0.0, 1.0], "bins": len(counts), "n": sum(counts), "counts": counts}
+    return json.dumps(info, indent=2).encode()
+
+
+def val_histogram(model_info: dict) -> list[int] | None:
+    """model.json's validation score histogram (counts), or None if the model was trained without one."""
+    kept = model_info.get("val_histogram")
+    counts = kept.get("counts") if isinstance(kept, dict) else None
+    return [int(c) for c in counts] if isinstance(counts, list) and counts else None
 
 
 def history_csv(history: list[dict]) -> bytes:

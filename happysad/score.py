@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from happysad import console, gpus, inputs, lock, metrics, storage
+from happysad import console, gpus, inputs, lock, metrics, score_report, storage
 from happysad.decode import DecodeError, decode_image
 from happysad.model import CLASSES, IMAGE_SIZE, check_model_file, file_digest
 from happysad.storage import UsageError
@@ -473,7 +473,10 @@ def run(config: ScoreConfig) -> dict:
                 fs, staging = storage.filesystem(storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}"))
                 pipeline.write_parquet(staging, filesystem=fs, max_rows_per_file=config.rows_per_file)
             new_rows = _finish_staged(config.output)
-    seconds = time.perf_counter() - scoring_started
+        scoring_ended = time.perf_counter()
+        # _summary.json and _report.html from every row the output holds (a rerun's too), in one pass, under the lock
+        report = score_report.write(config.output, model.uri, model.threshold, model.id)
+    seconds = scoring_ended - scoring_started
     rows, labels, errors = _summary(config.output)
     summary = {
         "rows": rows,
@@ -494,4 +497,8 @@ def run(config: ScoreConfig) -> dict:
         file=sys.stdout,
         flush=True,
     )
+    drift = report["drift"]
+    measured = f"PSI {drift['psi']:.3f} ({drift['psi_level']}), KS {drift['ks']:.3f}" if drift["psi"] is not None else f"not measured: {drift['reason']}"
+    summary |= {"report": storage.join(config.output, score_report.PAGE), "drift": drift}
+    print(f"report: {summary['report']}; drift against validation: {measured}", file=sys.stdout, flush=True)
     return summary

@@ -38,9 +38,16 @@ class Sample:
     data: bytes
 
 
-def draw_face(rng: np.random.Generator, label: str, side: int) -> np.ndarray:
-    """One BGR face, centred within ~5% of the frame, smiling (happy) or frowning (sad)."""
-    background = rng.integers(30, 226, 3)
+BACKGROUNDS = ("any", "dark", "light")  # make-data --background: a shifted set for drift (same faces, other backgrounds)
+
+
+def draw_face(rng: np.random.Generator, label: str, side: int, background: str = "any") -> np.ndarray:
+    """One BGR face, centred within ~5% of the frame, smiling (happy) or frowning (sad).
+
+    `background` "dark" or "light" squeezes the background's colour into 0-35 or 220-255; the
+    random draws are the same, so the faces are those of "any" on other backgrounds.
+    """
+    background = _background(rng.integers(30, 226, 3), background)
     image = np.empty((side, side, 3), np.uint8)
     image[:] = background
     image = cv2.add(image, rng.integers(-8, 9, image.shape).astype(np.int8), dtype=cv2.CV_8U)
@@ -61,12 +68,22 @@ def draw_face(rng: np.random.Generator, label: str, side: int) -> np.ndarray:
     return image
 
 
-def sample(seed: int, index: int) -> Sample:
+def _background(colour: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "dark":
+        return (colour - 30) * 35 // 195
+    if kind == "light":
+        return 220 + (colour - 30) * 35 // 195
+    if kind != "any":
+        raise ValueError(f"background {kind!r}: expected one of {BACKGROUNDS}")
+    return colour
+
+
+def sample(seed: int, index: int, background: str = "any") -> Sample:
     """The index-th image of the set drawn with this seed; classes alternate."""
     rng = np.random.default_rng([seed, index])
     label = CLASSES[index % 2]
     side = int(rng.integers(200, 801))
-    image = draw_face(rng, label, side)
+    image = draw_face(rng, label, side, background)
     extension = "png" if rng.random() < PNG_SHARE else "jpg"
     params = [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))] if extension == "jpg" else []
     ok, encoded = cv2.imencode("." + extension, image, params)
@@ -74,35 +91,35 @@ def sample(seed: int, index: int) -> Sample:
     return Sample(f"{label}_{seed}_{index:06d}", label, extension, encoded.tobytes())
 
 
-def write_folders(out: Path, n: int, seed: int = 0) -> None:
+def write_folders(out: Path, n: int, seed: int = 0, background: str = "any") -> None:
     """Class folders: out/happy/*.jpg|png, out/sad/*.jpg|png."""
     for label in CLASSES:
         (out / label).mkdir(parents=True, exist_ok=True)
     for index in range(n):
-        s = sample(seed, index)
+        s = sample(seed, index, background)
         (out / s.label / f"{s.key}.{s.extension}").write_bytes(s.data)
 
 
-def write_shards(out: Path, n: int, seed: int = 0, shards: int = 1) -> None:
+def write_shards(out: Path, n: int, seed: int = 0, shards: int = 1, background: str = "any") -> None:
     """WebDataset shards out/shard-00000.tar ...: members KEY.jpg|png and KEY.cls."""
     out.mkdir(parents=True, exist_ok=True)
     for shard in range(shards):
         with tarfile.open(out / f"shard-{shard:05d}.tar", "w") as tar:
             for index in range(shard, n, shards):
-                s = sample(seed, index)
+                s = sample(seed, index, background)
                 for name, payload in ((f"{s.key}.{s.extension}", s.data), (f"{s.key}.cls", s.label.encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
 
 
-def make_data(out: str | Path, n: int, seed: int = 0, shards: int = 0) -> Path:
-    """Write n images as class folders (shards=0) or as `shards` WebDataset tar files."""
+def make_data(out: str | Path, n: int, seed: int = 0, shards: int = 0, background: str = "any") -> Path:
+    """Write n images as class folders (shards=0) or as `shards` WebDataset tar files; `background`: see draw_face."""
     out = Path(out)
     if shards:
-        write_shards(out, n, seed, shards)
+        write_shards(out, n, seed, shards, background)
     else:
-        write_folders(out, n, seed)
+        write_folders(out, n, seed, background)
     return out
 
 

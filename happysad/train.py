@@ -489,7 +489,10 @@ def run(config: TrainConfig) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "config": record,
     }
-    model_info = run_files.model_json(threshold["value"], CLASSES, IMAGE_SIZE)
+    from happysad.metrics import score_histogram  # a scoring run's drift is measured against the val scores' histogram
+
+    val_histogram = score_histogram(predictions.scores_and_sad(split_rows["val"])[0])
+    model_info = run_files.model_json(threshold["value"], CLASSES, IMAGE_SIZE, val_histogram)
     with console.native_stderr_hidden():  # TensorFlow's first device use here prints "failed call to cuInit"
         write_run(output, returned["model"], model_info, metrics, returned["history"], returned["tensorboard"], split_rows)
     test = metrics["test"]

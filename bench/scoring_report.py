@@ -1,0 +1,176 @@
+"""What a scoring run's page costs: time at 20,000 rows against the scoring job's wall, and the driver's peak
+memory at 1,000,000 rows against 20,000.
+
+    python bench/scoring_report.py [--rows 20000] [--big 1000000] [--job-wall 80] [--job N]
+
+Synthetic outputs: Parquet files of `score`'s schema (10,000 rows a file, as `score`
+writes them), paths of a realistic length, scores from two Beta bumps; 300 of the
+rows are real faces on disk (synth), given the most confident and the borderline
+scores, so every thumbnail on the page is a real read and decode. 1% of rows are
+errors. Each page is built by `happysad report` in a fresh process (one pass,
+thumbnails, summary.json and report.html), timed, its peak RSS read from the
+kernel (wait4's ru_maxrss); a process that only imports the same modules gives the
+baseline. The job's wall is --job-wall seconds (the issue's figure: 20,000 faces
+take ~80-100 s on 2 cores; the lower end is the stricter ratio), or measured with
+--job N: `happysad score` of N synthetic faces with the untrained seed CNN, whose
+own page is then rebuilt alone for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from happysad import metrics, run_files, synth  # noqa: E402
+from happysad.model import CLASSES  # noqa: E402
+from happysad.score import SCHEMA  # noqa: E402
+
+THRESHOLD = 0.5
+REAL = 300  # rows that point at real images: more than the three sheets show (72)
+ROWS_PER_FILE = 10_000
+
+
+def make_output(folder: Path, rows: int, faces: list[Path], model_uri: str) -> None:
+    """`rows` rows of score's schema in files of ROWS_PER_FILE; the first REAL point at real faces."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    real_scores = np.r_[rng.uniform(0.0, 0.002, 100), rng.uniform(0.998, 1.0, 100), THRESHOLD + rng.uniform(-0.002, 0.002, 100)]
+    for part, start in enumerate(range(0, rows, ROWS_PER_FILE)):
+        n = min(ROWS_PER_FILE, rows - start)
+        index = np.arange(start, start + n)
+        scores = np.where(rng.random(n) < 0.5, rng.beta(2, 8, n), rng.beta(8, 2, n)).clip(0.01, 0.99)  # away from the real rows
+        scores = np.where(np.abs(scores - THRESHOLD) < 0.01, scores + 0.02, scores).astype(np.float32)
+        paths = [f"/data/incoming/2026/12/06/camera-{i % 97:04d}/IMG_{i:09d}.jpg" for i in index]
+        real = index < REAL
+        for i in np.flatnonzero(real):
+            paths[i], scores[i] = str(faces[index[i] % len(faces)]), real_scores[index[i]]
+        error = (rng.random(n) < 0.01) & ~real
+        table = pa.table(
+            {
+                "path": paths,
+                "score": pa.array(scores, pa.float32(), mask=error),
+                "label": pa.array(np.where(scores >= THRESHOLD, "sad", "happy"), pa.string(), mask=error),
+                "error": pa.array(np.where(error, "not_an_image", None).tolist(), pa.string()),
+                "model": ["0123456789abcdef"] * n,
+                "error_detail": pa.array(np.where(error, "DecodeError: not an image", None).tolist(), pa.string()),
+            },
+            schema=SCHEMA,
+        )
+        pq.write_table(table, folder / f"part-{part:05d}.parquet")
+    record = {"model": "0123456789abcdef", "threshold": THRESHOLD, "model_uri": model_uri}
+    (folder / "_scoring.json").write_text(json.dumps(record))
+
+
+def faces(folder: Path, n: int) -> list[Path]:
+    """n distinct real faces on disk (the REAL rows cycle over them)."""
+    synth.make_data(folder, n, seed=9)
+    return sorted(folder.glob("*/*"))
+
+
+def build_page(output: Path, imports_only: bool = False) -> tuple[float, float]:
+    """(seconds, peak RSS in MB) of one `happysad report --scores OUTPUT` in a fresh process (or of a process
+    that only imports what it imports: the baseline)."""
+    code = (
+        "from happysad import cli, score, score_report" if imports_only
+        else f"import sys; from happysad import cli; sys.exit(cli.main(['report', '--scores', {str(output)!r}]))"
+    )
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    out = proc.stdout.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"report failed:\n{out}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def pass_only(output: Path) -> float:
+    """Seconds of the streaming pass alone, in this process (warm imports)."""
+    from happysad import score_report
+
+    start = time.perf_counter()
+    score_report.one_pass(str(output), THRESHOLD, {name: (key, score_report.SHEET_SIZE) for name, key in score_report.SHEETS.items()})
+    return time.perf_counter() - start
+
+
+def scoring_job(n: int, root: Path) -> tuple[float, Path]:
+    """(wall seconds, output) of `happysad score` on n synthetic faces with the untrained seed CNN (a fresh local Ray)."""
+    from happysad.model import build_model
+
+    images = synth.make_data(root / "job-faces", n, seed=5)
+    run = root / "job-run"
+    run.mkdir()
+    build_model().save(run / "model.keras")
+    output = root / "job-out"
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "happysad.cli", "score", "--model", str(run), "--input", str(images), "--output", str(output)],
+        cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - start, output
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--big", type=int, default=1_000_000)
+    parser.add_argument("--job-wall", type=float, default=80.0, help="the scoring job's wall at --rows, seconds (the issue's 80-100 s)")
+    parser.add_argument("--job", type=int, default=0, help="also score N real faces and compare with that job's measured wall")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="hs-report-bench-"))
+    try:
+        real = faces(root / "faces", 150)
+        model = root / "run"
+        model.mkdir()
+        reference = metrics.score_histogram(np.random.default_rng(1).beta(2, 2, 4000))
+        (model / "model.json").write_bytes(run_files.model_json(THRESHOLD, CLASSES, 256, reference))
+        (model / "model.keras").write_bytes(b"")  # named only: the page reads model.json beside it
+        outputs = {}
+        for rows in (args.rows, args.big):
+            start = time.perf_counter()
+            outputs[rows] = root / f"out-{rows}"
+            make_output(outputs[rows], rows, real, str(model / "model.keras"))
+            print(f"made {rows:,} rows in {time.perf_counter() - start:.1f} s", flush=True)
+        _, base_rss = build_page(outputs[args.rows], imports_only=True)
+        results = {}
+        for rows, output in outputs.items():
+            runs = [build_page(output) for _ in range(2)]  # the second with a warm page cache: the one reported
+            results[rows] = {"seconds": runs[-1][0], "rss": max(r[1] for r in runs), "pass": pass_only(output)}
+        small, big = results[args.rows], results[args.big]
+        print()
+        print("| rows | page (fresh process) s | of which the pass s | driver peak RSS MB | above imports MB |")
+        print("| --- | --- | --- | --- | --- |")
+        print(f"| imports only | | | {base_rss:.0f} | 0 |")
+        for rows, r in results.items():
+            print(f"| {rows:,} | {r['seconds']:.2f} | {r['pass']:.2f} | {r['rss']:.0f} | {r['rss'] - base_rss:.0f} |")
+        print()
+        ratio = small["seconds"] / args.job_wall
+        print(f"page at {args.rows:,} rows: {small['seconds']:.2f} s = {ratio:.1%} of a {args.job_wall:.0f} s scoring job (target <= 5 %)")
+        grew = big["rss"] - small["rss"]
+        print(f"driver peak at {args.big:,} rows vs {args.rows:,}: {big['rss']:.0f} vs {small['rss']:.0f} MB, +{grew:.0f} MB (target <= 100 MB)")
+        if args.job:
+            wall, job_output = scoring_job(args.job, root)
+            page, _ = build_page(job_output)
+            print(f"scoring job of {args.job:,} faces: {wall:.1f} s wall (its own page included); the page alone: {page:.2f} s = {page / wall:.1%}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
