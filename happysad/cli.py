@@ -270,9 +270,10 @@ def _label(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console.plain_unless_terminal()  # first: the logging handler below, Ray's and TensorFlow's hold the streams
     if not getattr(args, "verbose", False):
-        console.quiet()
+        console.quiet()  # before TensorFlow or Ray is imported
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         _run(args)
     except UsageError as exc:
@@ -289,7 +290,8 @@ def _failed(command: str, exc: Exception, code: int) -> int:
 
         if ray.is_initialized():
             ray.shutdown()  # stops the relay; anything Ray still had to say came before this
-    print(f"happysad {command}: error: {exc}", file=sys.stderr)
+    sys.stdout.flush()  # a log of both streams gets the job's own lines (buffered off a terminal) before this one
+    print(f"happysad {command}: error: {exc}", file=sys.stderr, flush=True)
     return code
 
 

@@ -15,6 +15,7 @@ float rounding. TensorFlow only: the SavedModel is traced from the Keras model.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -61,7 +62,15 @@ def export_archive(keras_model):
 
 
 def write_saved_model(keras_model, folder: str) -> None:
-    export_archive(keras_model).write_out(folder, verbose=False)
+    """Write the SavedModel to `folder`. TensorFlow's own "Assets written to: FOLDER" line is kept back: the
+    folder is where the export is built, not where it ends up (`run` prints that)."""
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        export_archive(keras_model).write_out(folder, verbose=False)
+    finally:
+        logger.setLevel(level)
 
 
 def tflite_bytes(saved_model: str) -> bytes:
