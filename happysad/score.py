@@ -182,7 +182,7 @@ class Replica:
         self._predict(np.zeros((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # compile before data arrives
         import keras
 
-        console.say(f"replica ready: keras backend {keras.backend.backend()}, model {model.id}")
+        console.say(f"ready: keras backend {keras.backend.backend()}, model {model.id}")
 
     def _predict(self, images: np.ndarray) -> np.ndarray:
         n = len(images)

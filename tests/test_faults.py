@@ -642,11 +642,12 @@ def train_worker_nodes(dashboard: str, run_name: str) -> dict[int, str]:
 
 
 def epoch_printers(log: str) -> dict[int, set[str]]:
-    """{epoch: pids of the Train workers that printed it}: rank 0 prints each epoch it trains."""
+    """{epoch: pids of the Train workers that printed it}: rank 0 prints each epoch it trains. The log of a
+    `--verbose` job: only there does a relayed line keep Ray's prefix, which names the worker's pid."""
     import re
 
     printed: dict[int, set[str]] = {}
-    for pid, epoch in re.findall(r"RayTrainWorker pid=(\d+)\S*\s+epoch (\d+)/", log):
+    for pid, epoch in re.findall(r"RayTrainWorker pid=(\d+)\S*\s+(?:\[happysad\] )?worker \d+: epoch (\d+)/", log):
         printed.setdefault(int(epoch), set()).add(pid)
     return printed
 
@@ -685,7 +686,7 @@ def test_training_continues_from_its_checkpoint_when_a_node_is_lost(ray_session,
     2 nodes left, from that checkpoint (epoch 1 is not trained again), and the run completes."""
     output, log_path = tmp_path / "run", tmp_path / "train.log"
     args = ["train", "--data", str(data_with_huge_file), "--output", str(output), "--workers", "2", "--one-per-node",
-            "--epochs", str(EPOCHS), "--batch-size", "8"]
+            "--epochs", str(EPOCHS), "--batch-size", "8", "--verbose"]
     with joined_node(ray_session, cpus=2, name="node_b") as node_b, joined_node(ray_session, cpus=2, name="node_c") as node_c:
         killable = {node_id_with("node_b"): node_b, node_id_with("node_c"): node_c}
         started = time.monotonic()
