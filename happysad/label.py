@@ -72,16 +72,16 @@ def export(scores: str, out: str, band: tuple[float, float] | None = None, limit
     else:
         low, high = band
         rows = score_report.select(scores, threshold, lambda s, sad, t: np.where((s >= low) & (s <= high), 0.0, np.nan), limit)
-    images = score_report.read_back([row["path"] for row in rows])
+    scores = {row["path"]: row["score"] for row in rows}
     written, missing = [], {}
-    for row in sorted(rows, key=lambda r: (r["score"], r["path"])):
-        data, why = images[row["path"]]
+    for path, data, why in score_report.read_back(list(scores)):  # one image at a time
         if data is None:
-            missing[row["path"]] = why
+            missing[path] = why
             continue
-        name = copy_name(row["path"])
+        name = copy_name(path)
         storage.write_bytes(storage.join(out, FOLDER, name), data)
-        written.append({"path": row["path"], "score": f"{row['score']:.6f}", "label": "", "file": f"{FOLDER}/{name}"})
+        written.append({"path": path, "score": f"{scores[path]:.6f}", "label": "", "file": f"{FOLDER}/{name}"})
+    written.sort(key=lambda r: (float(r["score"]), r["path"]))
     text = io.StringIO()
     writer = csv.DictWriter(text, CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -126,16 +126,20 @@ def apply(csv_uri: str, into: str) -> dict:
             chosen.append((label, None, path, copy_name(path)))
         else:
             raise UsageError(f"--apply {csv_uri}: line {line}: neither file nor path names the image")
-    from_paths = score_report.read_back([path for _, _, path, _ in chosen if path])
     counts = {label: 0 for label in CLASSES} | {"unlabelled": unlabelled, "already_there": 0, "not_copied": {}}
-    for label, source, path, name in chosen:
-        if source is not None:
-            data = storage.read_bytes(source)
-        else:
-            data, why = from_paths[path]
+    by_path = {path: (label, name) for label, source, path, name in chosen if source is None}
+
+    def images():  # (label, name, bytes), one image at a time
+        for label, source, _, name in chosen:
+            if source is not None:
+                yield label, name, storage.read_bytes(source)
+        for path, data, why in score_report.read_back(list(by_path)):
             if data is None:
                 counts["not_copied"][path] = why
-                continue
+            else:
+                yield (*by_path[path], data)
+
+    for label, name, data in images():
         target = storage.join(into, label, name)
         if storage.file_type(target) == pafs.FileType.File:
             if storage.read_bytes(target) == data:

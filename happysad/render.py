@@ -177,12 +177,12 @@ def _figure(row: dict) -> str:
     )
 
 
-def _info_section(info: dict) -> str:
+def _info_section(info: dict, title: str = "Config, versions and data") -> str:
     rows = "".join(
         f"<tr><th class='left'>{_e(k)}</th><td class='left'><pre>{_e(json.dumps(v, indent=2) if not isinstance(v, str) else v)}</pre></td></tr>"
         for k, v in info.items()
     )
-    return f"<section id='info'><h2>Config, versions and data</h2><table>{rows}</table></section>"
+    return f"<section id='info'><h2>{_e(title)}</h2><table>{rows}</table></section>"
 
 
 # --- plots (matplotlib, PNG bytes) -------------------------------------------------------------
@@ -285,7 +285,7 @@ def scoring_page(summary: dict, sheets: dict[str, list[dict]], reference: list[i
         _histogram_section(summary, reference),
         _drift_section(summary["drift"]),
         *(_sheet_section(name, rows) for name, rows in sheets.items()),
-        _info_section({"output": summary["output"], "model": model, "summary": "_summary.json beside this page: the same figures"}),
+        _info_section({"output": summary["output"], "model": model, "summary": "_summary.json beside this page: the same figures"}, "The output and its model"),
     ]
     body = "\n".join(parts)
     return (
@@ -355,9 +355,10 @@ def _histogram_svg(counts: list[int], reference: list[int] | None, threshold: fl
     for i, share in enumerate(shares):
         if share:
             colour = "#3566c8" if (i + 0.5) / fine >= threshold else "#3b9d5d"
-            out.append(
+            out.append(  # the <title> is the browser's tooltip: the bar's band and count, no script
                 f"<rect x='{x(i / fine) + 0.5:.1f}' y='{y(share):.1f}' width='{plot_w / fine - 1:.1f}' "
-                f"height='{top + plot_h - y(share):.1f}' fill='{colour}'/>"
+                f"height='{top + plot_h - y(share):.1f}' fill='{colour}'><title>{i / fine:.2f} to {(i + 1) / fine:.2f}: "
+                f"{counts[i]:,} images ({share:.1%})</title></rect>"
             )
     if ref_shares:
         points = " ".join(f"{x(i / fine):.1f},{y(s):.1f} {x((i + 1) / fine):.1f},{y(s):.1f}" for i, s in enumerate(ref_shares))

@@ -23,7 +23,7 @@ import os
 import posixpath
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,16 +168,16 @@ def select(output: str, threshold: float, key: Callable, k: int) -> list[dict]:
 # --- reading chosen images back --------------------------------------------------------------------------------------
 
 
-def read_back(paths: list[str], max_bytes: int = READ_BACK_MAX) -> dict[str, tuple[bytes | None, str | None]]:
-    """{path: (bytes, None) or (None, why not)} for paths as score writes them.
+def read_back(paths: list[str], max_bytes: int = READ_BACK_MAX) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(path, bytes, None) or (path, None, why not) for each of `paths` as score writes them, one at a time:
+    whoever takes them holds one image, whatever the images' size.
 
     A path splits at its first `#` into the input and, if any, an archive member's name; the
     input part, unescaped (`urllib.parse.unquote_to_bytes`), is the exact bytes of a local file
     name or an `s3://bucket/key`. A file or object is read directly; the wanted members of one
-    archive are found in one scan of it (`inputs.archive_members`) and read as `score` reads them
-    (`inputs.read_files`: neighbouring tar members in one read, the archive's version checked).
+    archive are found in one scan of it (`inputs.archive_members`) and each read as `score`
+    reads it (`inputs.read_files`: the archive's version checked).
     """
-    found: dict[str, tuple[bytes | None, str | None]] = {}
     archives: dict[bytes, dict[str, str]] = {}
     for path in dict.fromkeys(paths):
         source_part, has_member, member = path.partition("#")
@@ -188,18 +188,15 @@ def read_back(paths: list[str], max_bytes: int = READ_BACK_MAX) -> dict[str, tup
         try:
             with storage.open_source(source) as stream:
                 data = stream.read(max_bytes + 1)
-            found[path] = (data, None) if len(data) <= max_bytes else (None, f"over {max_bytes >> 20} MB")
+            yield (path, data, None) if len(data) <= max_bytes else (path, None, f"over {max_bytes >> 20} MB")
         except Exception as exc:  # noqa: BLE001 - one image that cannot be read back is a note on the page
-            found[path] = (None, inputs.describe(exc))
+            yield path, None, inputs.describe(exc)
     for source, wanted in archives.items():
-        found |= _read_members(source, wanted, max_bytes)
-    return found
+        yield from _read_members(source, wanted, max_bytes)
 
 
-def _read_members(source: bytes, wanted: dict[str, str], max_bytes: int) -> dict[str, tuple[bytes | None, str | None]]:
+def _read_members(source: bytes, wanted: dict[str, str], max_bytes: int) -> Iterator[tuple[str, bytes | None, str | None]]:
     """The wanted members ({escaped member name: path}) of one archive, in one scan of its headers."""
-    found: dict[str, tuple[bytes | None, str | None]] = {}
-    refs = {"path": [], "source": [], "size": [], "offset": [], "bytes": [], "error": [], "error_detail": [], "version": []}
     left = dict(wanted)
     try:
         version = storage.version(source)
@@ -208,22 +205,23 @@ def _read_members(source: bytes, wanted: dict[str, str], max_bytes: int) -> dict
             if path is None:  # not wanted, or a later copy of a name already found (score kept the first)
                 continue
             if member.error:
-                found[path] = (None, member.detail or member.error)
+                yield path, None, member.detail or member.error
             elif member.offset == inputs.WHOLE:  # a compressed tar carries its members' bytes
-                found[path] = (member.data, None)
+                yield path, member.data, None
             else:
-                for key, value in zip(refs, (path, source, member.size, member.offset, b"", None, None, version)):
-                    refs[key].append(value)
+                one = {"path": [path], "source": [source], "size": [member.size], "offset": [member.offset], "bytes": [b""],
+                       "error": [None], "error_detail": [None], "version": [version]}
+                read = inputs.read_files(one, max_bytes)
+                yield (path, None, read["error_detail"][0] or read["error"][0]) if read["error"][0] else (path, read["bytes"][0], None)
             if not left:
-                break
-        if refs["path"]:
-            read = inputs.read_files(refs, max_bytes)
-            for path, data, error, detail in zip(read["path"], read["bytes"], read["error"], read["error_detail"]):
-                found[path] = (None, detail or error) if error else (data, None)
-    except Exception as exc:  # noqa: BLE001 - an archive that cannot be read back is a note on each of its images
+                return
+    except Exception as exc:  # noqa: BLE001 - an archive that cannot be read back is a note on each image left
         reason = inputs.describe(exc)
-        return {path: found.get(path, (None, reason)) for path in wanted.values()}
-    return found | {path: (None, "not in the archive any more") for path in left.values()}
+        for path in left.values():
+            yield path, None, reason
+        return
+    for path in left.values():
+        yield path, None, "not in the archive any more"
 
 
 def thumbnail(data: bytes) -> bytes:
@@ -238,20 +236,18 @@ def thumbnail(data: bytes) -> bytes:
 
 
 def with_thumbnails(sheets: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Each sheet's rows with `jpeg` (bytes) or `unreadable` (why it could not be shown now)."""
-    images = read_back([row["path"] for rows in sheets.values() for row in rows])
-    shown = {}
-    for name, rows in sheets.items():
-        shown[name] = []
-        for row in rows:
-            data, why = images[row["path"]]
-            if data is not None:
-                try:
-                    row = row | {"jpeg": thumbnail(data)}
-                except Exception as exc:  # noqa: BLE001 - changed since it was scored: a note, not a failure
-                    why = inputs.describe(exc)
-            shown[name].append(row if "jpeg" in row else row | {"unreadable": why})
-    return shown
+    """Each sheet's rows with `jpeg` (a thumbnail's bytes) or `unreadable` (why it cannot be shown now).
+    Images are read one at a time and only their thumbnails kept."""
+    made: dict[str, dict] = {}
+    for path, data, why in read_back([row["path"] for rows in sheets.values() for row in rows]):
+        if data is not None:
+            try:
+                made[path] = {"jpeg": thumbnail(data)}
+                continue
+            except Exception as exc:  # noqa: BLE001 - changed since it was scored: a note, not a failure
+                why = inputs.describe(exc)
+        made[path] = {"unreadable": why}
+    return {name: [row | made[row["path"]] for row in rows] for name, rows in sheets.items()}
 
 
 # --- the model's reference and the output's record -------------------------------------------------------------------
