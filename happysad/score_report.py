@@ -134,7 +134,6 @@ class Pass:
         self.rows += batch.num_rows
         score_column, error = batch.column("score"), batch.column("error")
         scores = score_column.to_numpy(zero_copy_only=False).astype(np.float64)  # null (an error row): NaN
-        scores[~pc.is_valid(score_column).to_numpy(zero_copy_only=False)] = np.nan
         sad = pc.fill_null(pc.equal(batch.column("label"), "sad"), False).to_numpy(zero_copy_only=False)
         self.labels.update({c["values"]: c["counts"] for c in pc.value_counts(batch.column("label").drop_null()).to_pylist()})
         self.display += metrics.score_histogram(scores, DISPLAY_BINS)
