@@ -4,7 +4,9 @@
 
 Data comes from `happysad make-data`. For each size, each design runs in its own
 process, `--repeats` times (median and min-max printed):
-- job: `happysad score` end to end, a fresh local Ray cluster, start-up included;
+- job: `happysad score` end to end as a user runs it with no cluster (RAY_ADDRESS unset): a small
+  job (score.IN_PROCESS_MAX) is scored in the driver's process, a larger one on a fresh local Ray;
+- job on Ray: the same with RAY_ADDRESS=local, so even a small job starts a local Ray cluster;
 - plain: the best in-process pipeline we could write: two threads decode chunks
   of 64 with `decode_image` (cv2 releases the GIL), one compiled model call per
   batch (TF intra-op 1, inter-op 2);
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from score_memory import tree_pss_mb  # noqa: E402
 
 SEED_SAMPLE = 300
+DESIGNS = ("job", "job on Ray", "plain", "seed")
 BATCH = 64
 
 
@@ -120,7 +123,7 @@ def measure(cmd: list[str], env: dict) -> tuple[float, float, str]:
 
 
 def design_cmd(design: str, folder: Path, model: Path, output: Path) -> list[str]:
-    if design == "job":
+    if design.startswith("job"):
         return [sys.executable, "-m", "happysad.cli", "score", "--model", str(model), "--input", str(folder), "--output", str(output)]
     return [sys.executable, __file__, "--run", design, "--folder", str(folder), "--model", str(model)]
 
@@ -144,24 +147,26 @@ def bench(sizes: list[int], repeats: int) -> None:
         for n in sizes:
             folder = synth.make_data(tmp / f"faces-{n}", n=n, seed=1)
             for _ in range(repeats):
-                for design in ("job", "plain", "seed"):
-                    wall, peak, out = measure(design_cmd(design, folder, tmp / "model.keras", tmp / f"out-{n}-{time.time_ns()}"), env)
-                    count = int(out.split()[-1]) if design != "job" else n
+                for design in DESIGNS:
+                    env_of = env | {"RAY_ADDRESS": "local"} if design == "job on Ray" else env
+                    wall, peak, out = measure(design_cmd(design, folder, tmp / "model.keras", tmp / f"out-{n}-{time.time_ns()}"), env_of)
+                    count = n if design.startswith("job") else int(out.split()[-1])
                     walls.setdefault((design, n), []).append(count / wall)
                     peaks.setdefault((design, n), []).append(peak)
             ceiling = float(measure(design_cmd("ceiling", folder, tmp / "model.keras", tmp), env)[2].split()[-1])
-            job, plain, seed = (statistics.median(walls[(d, n)]) for d in ("job", "plain", "seed"))
+            job, on_ray, plain, seed = (statistics.median(walls[(d, n)]) for d in DESIGNS)
             rows.append(
-                f"| {n:,} | {summary(walls[('job', n)])} | {summary(walls[('plain', n)])} | {summary(walls[('seed', n)])} | {ceiling:.0f} "
-                f"| {job / plain:.2f}x | {job / ceiling:.0%} | {job / seed:.1f}x | {summary(peaks[('job', n)])} | {summary(peaks[('plain', n)])} |"
+                f"| {n:,} | {summary(walls[('job', n)])} | {summary(walls[('job on Ray', n)])} | {summary(walls[('plain', n)])} "
+                f"| {summary(walls[('seed', n)])} | {ceiling:.0f} | {job / plain:.2f}x | {on_ray / plain:.2f}x | {job / ceiling:.0%} "
+                f"| {job / seed:.1f}x | {summary(peaks[('job', n)])} | {summary(peaks[('plain', n)])} |"
             )
         print(f"scoring, {os.cpu_count()} cores, {repeats} repetitions; img/s end to end, median (min-max); seed timed on {SEED_SAMPLE} images")
-        print("| images | job | plain | seed | ceiling | job/plain | job/ceiling | job/seed | job peak PSS MB | plain peak PSS MB |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| images | job | job on Ray | plain | seed | ceiling | job/plain | on Ray/plain | job/ceiling | job/seed | job peak PSS MB | plain peak PSS MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         print("\n".join(rows))
         if len(sizes) == 2:
             (n1, n2) = sizes
-            for design in ("job", "plain"):
+            for design in ("job", "job on Ray", "plain"):
                 t1 = statistics.median(n1 / r for r in walls[(design, n1)])
                 t2 = statistics.median(n2 / r for r in walls[(design, n2)])
                 print(f"steady state ({design}): (n2 - n1) / (t2 - t1) = {(n2 - n1) / (t2 - t1):.1f} img/s")

@@ -48,11 +48,13 @@ def say(text: str) -> None:
     Written to stdout directly: Ray Train replaces `print` in its workers with one that also logs the
     line to stderr, which would show every line twice.
     """
-    sys.stdout.write(f"{MARK}{_speaker()}{text}\n")
+    speaker = _speaker()
+    sys.stdout.write(f"{text}\n" if speaker is None else f"{MARK}{speaker}{text}\n")  # None: the driver itself
     sys.stdout.flush()
 
 
-def _speaker() -> str:
+def _speaker() -> str | None:
+    """The prefix of a Ray worker's line (`worker N: `, `replica: `); None in a process that is not a Ray worker."""
     train = sys.modules.get("ray.train")  # imported by every Train worker's loop; never imported here for this
     if train is not None:
         with contextlib.suppress(Exception):  # not in a Train worker: Ray Train says so by raising
@@ -62,7 +64,8 @@ def _speaker() -> str:
         with contextlib.suppress(Exception):
             if ray.get_runtime_context().get_actor_id():
                 return "replica: "
-    return ""
+            return ""  # another Ray worker
+    return None
 
 
 def plain_unless_terminal() -> None:

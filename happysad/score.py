@@ -7,6 +7,10 @@ object store (FIELD_NOTES). With --gpu, reading and decoding are CPU tasks
 spread over every CPU of the cluster, and the GPU replicas only predict: one
 GPU runs the model far faster than one core decodes.
 
+A small job with no cluster named (`runs_in_process`) is scored in this process
+with the same replica and two threads, and written the same way: starting Ray and
+a replica process would cost more than the job (bench/score_bench.py).
+
 Atomic, resumable output: Ray writes Parquet into a hidden staging folder of
 this attempt (`OUTPUT/.staging-<id>/`, which Parquet readers skip), and each
 finished file is moved into OUTPUT when the run ends. A rerun with the same
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import json
 import logging
 import os
@@ -62,6 +67,7 @@ IN_FLIGHT_PER_CPU = 32 << 20  # object-store bytes in flight per cluster CPU whi
 IN_FLIGHT_FLOOR = 300 << 20  # ...and at least this (bench/archive_memory.py, 2 CPUs, 1 GB tar.gz: 23 s -> 35 s, reader 837 -> 352 MB)
 READERS_MIN = 4  # archive readers at once, at least; else two per CPU the cluster has at start
 BATCHES_PER_BLOCK = 4  # model batches per block of paths: blocks are the unit replicas and decode tasks take
+CALLS_PER_REPLICA = 2  # batches a CPU replica reads, decodes and predicts at once, each in its own thread
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,19 @@ def decode_batch(batch: dict, max_bytes: int) -> dict:
     return {"path": list(batch["path"]), "image": images, "error": errors, "error_detail": details}
 
 
+def _one_core_per_call() -> None:
+    """TensorFlow's ops on one thread per call: a replica's concurrent calls (CALLS_PER_REPLICA) then take a core
+    each, instead of each call spreading over every core (2,000 faces in this process: 20.0 s -> 14.6 s here)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with contextlib.suppress(RuntimeError):  # TensorFlow already running in this process: its pools stay
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(CALLS_PER_REPLICA)
+
+
 class Replica:
     """A model replica: predicts decoded batches, and decodes first when given undecoded rows (CPU placement).
 
@@ -177,6 +196,7 @@ class Replica:
         import cv2
 
         cv2.setNumThreads(1)  # decode threads run in parallel (cv2 releases the GIL); no nested pools
+        _one_core_per_call()
         self.model, self.batch_size, self.max_bytes = model, batch_size, max_bytes
         self.keras_model = load_keras_model(model.uri)
         self._predict(np.zeros((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # compile before data arrives
@@ -337,7 +357,7 @@ def _replica_pool(config: ScoreConfig) -> ray.data.ActorPoolStrategy:
     Sizing from the resources seen at start would pin an autoscaling cluster
     (whose workers start at zero) to one replica: nodes that join later are used.
     """
-    threads = {} if config.gpu else {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
+    threads = {} if config.gpu else {"max_concurrent_calls_per_actor": CALLS_PER_REPLICA, "enable_true_multi_threading": True}
     if config.concurrency:
         return ray.data.ActorPoolStrategy(size=config.concurrency, **threads)
     return ray.data.ActorPoolStrategy(min_size=1, max_size=None, **threads)
@@ -353,6 +373,81 @@ def _file_blocks(files: pa.Table, config: ScoreConfig) -> list[pa.Table]:
     """
     per_block = min(config.batch_size * BATCHES_PER_BLOCK, config.rows_per_file)
     return [files.slice(start, per_block) for start in range(0, files.num_rows, per_block)]
+
+
+IN_PROCESS_MAX = 2_000  # inputs (files plus archive members) a job with no cluster scores in this process, at most...
+IN_PROCESS_ARCHIVE_BYTES = 64 << 20  # ...with archives of at most this many bytes in all
+
+
+def runs_in_process(config: ScoreConfig, todo: inputs.Inputs) -> bool:
+    """Whether this job is scored in this process, without Ray: a small job (IN_PROCESS_MAX) with no cluster
+    named (RAY_ADDRESS unset), no --gpu and no --concurrency. On 2 cores, starting Ray and a replica process
+    costs more than such a job takes (bench/score_bench.py); the rows, the resume and the one-row guarantee
+    are the same, because the same functions read, decode and predict."""
+    archive_bytes = sum(a.size for a in todo.archives)
+    return (
+        not os.environ.get("RAY_ADDRESS") and not config.gpu and not config.concurrency
+        and todo.files.num_rows + archive_bytes // (16 << 10) <= IN_PROCESS_MAX  # a member is a 16 KB face at least
+        and archive_bytes <= IN_PROCESS_ARCHIVE_BYTES
+    )
+
+
+def score_in_process(config: ScoreConfig, model: Model, todo: inputs.Inputs, done: np.ndarray, staging: str) -> None:
+    """The pipeline's rows, made here: the same reads, decode and replica, two batches at a time in threads (as a
+    replica runs them: OpenCV and the model release the GIL), written as Parquet files into `staging`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    replica = Replica(model, config.batch_size, config.max_bytes)
+    fs, root = storage.filesystem(staging)
+    fs.create_dir(root)
+    with ThreadPoolExecutor(CALLS_PER_REPLICA) as pool, _StagedWriter(fs, root, config.rows_per_file) as out:
+        pending = []
+        for batch in _local_batches(config, todo, done):
+            pending.append(pool.submit(replica, batch))
+            if len(pending) > CALLS_PER_REPLICA:  # a bounded window: an archive's members are never all in memory
+                out.write(pending.pop(0).result())
+        for future in pending:
+            out.write(future.result())
+
+
+def _local_batches(config: ScoreConfig, todo: inputs.Inputs, done: np.ndarray):
+    """Model batches of rows to read: the listed files, then each archive's members as its reader yields them."""
+    blocks = iter(_file_blocks(todo.files, config))
+    for archive in todo.archives:
+        blocks = itertools.chain(blocks, inputs.read_archive({"path": [archive.uri], "source": [archive.source]}, config.max_bytes, done))
+    for block in blocks:
+        for start in range(0, block.num_rows, config.batch_size):
+            yield block.slice(start, config.batch_size).to_pydict()
+
+
+class _StagedWriter:
+    """Parquet files of at most `rows` rows each, in a staging folder (`_finish_staged` moves the complete ones)."""
+
+    def __init__(self, fs, root: str, rows: int):
+        self.fs, self.root, self.rows = fs, root, rows
+        self.writer, self.count, self.files = None, 0, 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self.writer is None or self.count >= self.rows:
+                self.close()
+                self.writer = pq.ParquetWriter(self.fs.open_output_stream(f"{self.root}/{uuid.uuid4().hex}_{self.files:06d}.parquet"), SCHEMA)
+                self.files, self.count = self.files + 1, 0
+            part = table.slice(0, self.rows - self.count)
+            self.writer.write_table(part)
+            self.count += part.num_rows
+            table = table.slice(part.num_rows)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.ndarray):
@@ -462,7 +557,11 @@ def run(config: ScoreConfig) -> dict:
         done = _done_hashes(config.output)
         todo = inputs.pending(found, done)
         new_rows, scoring_started = 0, time.perf_counter()
-        if todo.files.num_rows or todo.archives:  # nothing left to score: no Ray start at all
+        staging = storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}")
+        if (todo.files.num_rows or todo.archives) and runs_in_process(config, todo):
+            score_in_process(config, model, todo, done, staging)
+            new_rows = _finish_staged(config.output)
+        elif todo.files.num_rows or todo.archives:  # nothing left to score: no Ray start at all
             console.join_ray()
             gpus.refuse_unless_one_can_come(config.gpu)
             from happysad import progress  # Ray Data's execution hooks: imported once Ray is up
@@ -470,8 +569,8 @@ def run(config: ScoreConfig) -> dict:
             with progress.reporting("scored", todo.files.num_rows, bool(todo.archives)):
                 pipeline = build_pipeline(config, model, todo, done)
                 scoring_started = time.perf_counter()
-                fs, staging = storage.filesystem(storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}"))
-                pipeline.write_parquet(staging, filesystem=fs, max_rows_per_file=config.rows_per_file)
+                fs, staging_path = storage.filesystem(staging)
+                pipeline.write_parquet(staging_path, filesystem=fs, max_rows_per_file=config.rows_per_file)
             new_rows = _finish_staged(config.output)
         scoring_ended = time.perf_counter()
         # _summary.json and _report.html from every row the output holds (a rerun's too), in one pass, under the lock

@@ -352,3 +352,30 @@ def test_progress_in_a_log_counts_inputs_against_a_total_that_includes_archive_m
     final = [int(t.replace(",", "")) for _, t, more in lines if not more]
     assert all(total == 300 for total in final) and all(int(t.replace(",", "")) <= 300 for _, t, _ in lines)
     assert "\x1b[" not in result.stderr and "Running Dataset" not in result.stderr  # no Ray Data progress block
+
+
+def test_a_small_job_without_a_cluster_runs_in_process_with_the_same_rows(ray_session, model_file, mixed_inputs, tmp_path):
+    """No RAY_ADDRESS, a few inputs: scored in the driver's own process (no Ray session is created: Ray's temp
+    folder stays empty), with the rows the Ray pipeline gives, and its rerun finishes only what is missing."""
+    root, expected = mixed_inputs
+    ray_tmp = tmp_path / "ray-tmp"
+    ray_tmp.mkdir()
+    here = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+    in_process, on_ray = tmp_path / "in-process", tmp_path / "on-ray"
+    first = run_cli("score", "--model", str(model_file), *sum((["--input", i] for i in inputs_of(root)[:2]), []),
+                    "--output", str(in_process), env=here)
+    assert first.returncode == 0, first.stderr[-3000:]
+    done_first = len(read_rows(str(in_process)))
+    result = run_cli("score", "--model", str(model_file), *sum((["--input", i] for i in inputs_of(root)), []),
+                     "--output", str(in_process), env=here)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(ray_tmp.iterdir())  # no Ray session was started
+    assert 0 < done_first < len(expected) and f"scored {len(expected) - done_first} inputs in " in result.stdout
+    run(ScoreConfig(inputs=inputs_of(root), output=str(on_ray), model=str(model_file)))  # the session's Ray head
+    here_rows = {r["path"]: r for r in read_rows(str(in_process))}
+    ray_rows = {r["path"]: r for r in read_rows(str(on_ray))}
+    assert set(here_rows) == set(ray_rows) == set(expected)
+    for path, row in ray_rows.items():
+        mine = here_rows[path]
+        assert (mine["error"], mine["label"], mine["model"]) == (row["error"], row["label"], row["model"]), path
+        assert (mine["score"] is None and row["score"] is None) or abs(mine["score"] - row["score"]) < 1e-5
