@@ -137,7 +137,7 @@ def run(config: EvaluateConfig) -> dict:
     storage.write_bytes(storage.join(config.output, "evaluation.json"), json.dumps(result, indent=2).encode())
     counts = {"evaluated": result["counts"]}
     html = report.page_for(
-        f"Evaluation of {model.id}", table, result, lambda: labelled, model,
+        f"Evaluation of {model.uri} on {', '.join(config.data)}", table, result, lambda: labelled, model,
         counts=counts, skipped=result["skipped"], info={"data": list(config.data), "model": model.uri, "versions": result["versions"]},
     )
     storage.write_bytes(storage.join(config.output, "report.html"), html)

@@ -54,6 +54,9 @@ figcaption .path { color: #5b6475; word-break: break-all; font-size: 11px; }
 .tag.ok { background: #3b9d5d; }
 .note { color: #5b6475; font-size: 13px; }
 pre { background: #f7f8fb; padding: 10px; border-radius: 6px; font-size: 12px; white-space: pre-wrap; word-break: break-all; }
+table.fields { width: 100%; }
+table.fields table.fields th, table.fields table.fields td { padding: 2px 8px; font-size: 13px; }
+table.fields td { word-break: break-all; }
 """
 
 
@@ -68,7 +71,7 @@ def render(
     history: list[dict] | None = None,
     subtitle: str = "",
 ) -> bytes:
-    """The page. `metrics`: evaluate.binary_metrics' dict; `curves`: evaluate.curves' points ({} if undefined);
+    """The page. `metrics`: metrics.binary_metrics' dict; `curves`: metrics.curves' points ({} if undefined);
     `worst`: rows {path, score, label, true_label, loss, wrong, png}; `counts`: {split: {class: n}};
     `skipped`: {reason: n}; `info`: config, versions, data URIs; `history`: training epochs, if any.
     """
@@ -178,11 +181,22 @@ def _figure(row: dict) -> str:
 
 
 def _info_section(info: dict, title: str = "Config, versions and data") -> str:
-    rows = "".join(
-        f"<tr><th class='left'>{_e(k)}</th><td class='left'><pre>{_e(json.dumps(v, indent=2) if not isinstance(v, str) else v)}</pre></td></tr>"
-        for k, v in info.items()
-    )
-    return f"<section id='info'><h2>{_e(title)}</h2><table>{rows}</table></section>"
+    return f"<section id='info'><h2>{_e(title)}</h2>{_fields(info)}</section>"
+
+
+def _fields(value, depth: int = 0) -> str:
+    """A value as a person reads it: a dict as a table of its keys (nested dicts as tables in their cells, a
+    few levels deep), a list as its items one per line, a float to 4 significant digits, None as n/a."""
+    if isinstance(value, dict) and value and depth < 3:
+        rows = "".join(f"<tr><th class='left'>{_e(k)}</th><td class='left'>{_fields(v, depth + 1)}</td></tr>" for k, v in value.items())
+        return f"<table class='fields'>{rows}</table>"
+    if isinstance(value, (list, tuple)) and depth < 3:
+        return "<br>".join(_fields(v, depth + 1) for v in value) or "<span class='note'>none</span>"
+    if isinstance(value, float):
+        return _e(f"{value:.4g}")
+    if value is None:
+        return "<span class='note'>n/a</span>"
+    return _e(value if isinstance(value, str) else json.dumps(value))
 
 
 # --- plots (matplotlib, PNG bytes) -------------------------------------------------------------
@@ -235,10 +249,18 @@ def _history_png(history: list[dict]) -> bytes:
             if points:
                 ax.plot(*zip(*points), "o-", color=colour, label=label)
         ax.set(xlabel="epoch", title=key)
+        integer_epochs(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
     fig.tight_layout()
     return _png(fig)
+
+
+def integer_epochs(ax) -> None:
+    """Ticks at whole epochs only: an epoch 1.25 means nothing."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 # --- a scoring run's page (score_report gathers what it shows) -------------------------------------------------------

@@ -63,6 +63,7 @@ def curves_png(history: list[dict]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("loss", "accuracy")):
@@ -71,6 +72,7 @@ def curves_png(history: list[dict]) -> bytes:
             if points:
                 ax.plot(*zip(*points), "o-", label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.25
         ax.set_title(key)
         ax.legend()
         ax.grid(alpha=0.3)

@@ -138,12 +138,14 @@ def browse(page: Path, screenshot: Path) -> str:
 
 
 @pytest.mark.skipif(chromium() is None, reason="chromium is not installed and could not be (.ci/run installs it from Debian)")
-def test_report_shows_in_a_browser_with_matrix_and_16_thumbnails(evaluated, tmp_path):
+def test_report_shows_in_a_browser_with_matrix_and_16_thumbnails(evaluated, labelled_set, tmp_path):
     import cv2
 
     page = evaluated / "report.html"
     html = page.read_text()
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
+    model_uri = json.loads((evaluated / "evaluation.json").read_text())["model_uri"]
+    assert f"<h1>Evaluation of {model_uri} on {labelled_set}</h1>" in html  # named by what was evaluated
     screenshot = tmp_path / "report.png"
     dom = browse(page, screenshot)
     pixels = cv2.imread(str(screenshot))

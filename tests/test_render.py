@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from happysad import synth
 from happysad.decode import decode_image
 from happysad.metrics import binary_metrics, curves
-from happysad.render import render
+from happysad.render import integer_epochs, render
 from happysad.score import load_keras_model
 from happysad.train import TrainConfig, run
 
@@ -55,6 +55,28 @@ def test_undefined_metrics_show_na_with_the_reason_and_few_errors_are_labelled_s
         assert "n/a" in card and metrics["undefined"][name] in card
     assert "All 3 errors, then the highest-loss correct calls (16 images)" in html
     assert html.count("class='tag'>error") == 3 and html.count("class='tag ok'>correct") == 13 + 1  # +1: the note
+
+
+def test_config_and_versions_read_as_tables_and_epochs_tick_in_whole_numbers():
+    metrics = binary_metrics(np.array([0.1, 0.8]), np.array([False, True]), 0.5)
+    info = {"config": {"learning_rate": 0.001, "data": ["s3://b/a", "s3://b/b"]}, "threshold": {"value": 0.46536, "reason": None}}
+    html = render("t", metrics, {}, [], {}, {}, info).decode()
+    section = re.search(r"<section id='info'>(.*?)</section>", html, re.S).group(1)
+    assert "{" not in section and "<pre>" not in section  # no raw JSON
+    assert "<th class='left'>learning_rate</th><td class='left'>0.001</td>" in section
+    assert "s3://b/a<br>s3://b/b" in section and ">0.4654<" in section and "n/a" in section
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [0.7, 0.6])
+    integer_epochs(ax)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    plt.close(fig)
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
 def test_every_training_run_writes_a_report_of_its_test_split(ray_session, tmp_path):
