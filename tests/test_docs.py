@@ -24,6 +24,8 @@ PAGES = {
     "make-data": "docs/training.md",
     "score": "docs/scoring.md",
     "predict": "docs/scoring.md",
+    "report": "docs/scoring.md",
+    "label": "docs/scoring.md",
 }
 # Options every subcommand has, documented once in README.md instead of on each page.
 COMMON = ("--help", "--verbose")
