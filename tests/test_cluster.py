@@ -203,10 +203,10 @@ def test_iam_policies_give_the_head_launch_rights_and_the_workers_s3_only(config
     json.loads((DEPLOY / "iam-trust-ec2.json").read_text())
 
 
-def test_readme_shows_the_policies_as_they_are_in_deploy():
-    readme = (REPO / "README.md").read_text()
+def test_the_cluster_page_shows_the_policies_as_they_are_in_deploy():
+    page = (REPO / "docs" / "cluster.md").read_text()
     for name in ("iam-head.json", "iam-worker.json"):
-        shown = re.search(rf"`deploy/{name}`:\n\n```json\n(.*?)```", readme, re.S)
+        shown = re.search(rf"`deploy/{name}`:\n\n```json\n(.*?)```", page, re.S)
         assert shown, name
         assert json.loads(shown[1]) == json.loads((DEPLOY / name).read_text()), name
 
@@ -395,7 +395,7 @@ def test_a_head_started_like_cluster_yaml_refuses_jobs_without_the_token(token_h
     assert wrong.returncode != 0 and "job-ok" not in wrong.stdout
     assert WRONG_TOKEN in wrong.stderr
 
-    # As the README says: token mode, and the cluster's token file.
+    # As docs/cluster.md says: token mode, and the cluster's token file.
     accepted = submit(token_head, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_head["token"]))
     assert accepted.returncode == 0, accepted.stdout[-2000:] + accepted.stderr[-2000:]
     # The job's own driver joined the token-protected cluster too.
