@@ -544,9 +544,9 @@ def check_output(output: str) -> None:
 
 def run(config: ScoreConfig) -> dict:
     """Score every input not yet in --output; print and return a summary."""
-    check_output(config.output)
     model = open_model(config.model, config.threshold)
     found = inputs.expand(list(config.inputs), config.output)
+    check_output(config.output)
     for uri in found.empty:  # not an error: an incoming folder may be empty today
         print(f"warning: --input {uri}: no files in it", file=sys.stderr, flush=True)
     started = time.perf_counter()

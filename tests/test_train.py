@@ -182,7 +182,9 @@ def check_threshold(metrics: dict, output: str, model, data: Path, seed: int) ->
     else:  # 2 epochs on 29 images: the val scores may not rank sad above happy
         assert threshold["value"] == 0.5 and threshold["reason"].startswith("val AUC"), threshold
     info = json.loads(storage.read_bytes(f"{output}/model.json"))
+    histogram = info.pop("val_histogram")  # what a scoring run's drift is measured against: every val score once
     assert info == {"threshold": threshold["value"], "classes": ["happy", "sad"], "image_size": 256}
+    assert sum(histogram["counts"]) == len(val_scores)
     assert open_model(output).threshold == threshold["value"]
 
 
