@@ -177,8 +177,14 @@ def join_ray() -> None:
     if not ray.is_initialized():
         # A submitted job's own env_vars already reach its workers, and Ray refuses a key named twice.
         env = {k: v for k, v in storage.ray_env_vars().items() if k not in _submitted_job_env()}
-        # Quiet, only Ray's errors: its start-up notices would come before the job's own first lines.
-        ray.init(runtime_env={"env_vars": env} if env else None, logging_level=logging.INFO if _verbose else logging.ERROR)
+        # Quiet, only Ray's errors: its start-up notices would come before the job's own first lines. A Ray
+        # started here lives for this job only: its dashboard's web UI and state API would serve nobody
+        # (ignored when joining a running cluster, which keeps its own).
+        ray.init(
+            runtime_env={"env_vars": env} if env else None,
+            logging_level=logging.INFO if _verbose else logging.ERROR,
+            include_dashboard=False,
+        )
         if not _verbose:
             logging.getLogger("ray").setLevel(logging.WARNING)  # later warnings (autoscaler errors) are shown
     if sys.stdout.isatty():  # Ray Data's bars (done/total, rate, ETA) with rich, which Ray installs; tqdm may be absent
