@@ -157,7 +157,7 @@ class _QuietImport(importlib.abc.MetaPathFinder):
 
 def join_ray() -> None:
     """Start or join Ray (RAY_ADDRESS, else the cluster `ray start` began here, else a new local one), passing
-    this process's S3 endpoint and region on to every worker of the job; quiet, keep only `say` lines.
+    this process's S3 endpoint and region (and TensorFlow's oneDNN switch) on to every worker of the job; quiet, keep only `say` lines.
 
     Called where a job first needs Ray, after its own checks: a bad flag costs no cluster start.
     """
@@ -176,7 +176,8 @@ def join_ray() -> None:
     _actor_state_by_value()
     if not ray.is_initialized():
         # A submitted job's own env_vars already reach its workers, and Ray refuses a key named twice.
-        env = {k: v for k, v in storage.ray_env_vars().items() if k not in _submitted_job_env()}
+        forwarded = storage.ray_env_vars() | {"TF_ENABLE_ONEDNN_OPTS": os.environ["TF_ENABLE_ONEDNN_OPTS"]}  # happysad/__init__.py
+        env = {k: v for k, v in forwarded.items() if k not in _submitted_job_env()}
         # Quiet, only Ray's errors: its start-up notices would come before the job's own first lines. A Ray
         # started here lives for this job only: its dashboard's web UI and state API would serve nobody
         # (ignored when joining a running cluster, which keeps its own).

@@ -335,19 +335,6 @@ def check_record(output: str, model: Model) -> None:
         )
 
 
-def _summary(output: str) -> tuple[int, dict, dict]:
-    """(rows, {label: rows}, {error: rows}) of the whole output."""
-    dataset = _output_files(output)
-    if dataset is None:
-        return 0, {}, {}
-    table = dataset.to_table(columns=["label", "error"])
-
-    def counts(column) -> dict:
-        return {c["values"]: c["counts"] for c in pc.value_counts(column.drop_null()).to_pylist()}
-
-    return table.num_rows, counts(table["label"]), counts(table["error"])
-
-
 # --- the pipeline ------------------------------------------------------------------------------
 
 
@@ -576,7 +563,7 @@ def run(config: ScoreConfig) -> dict:
         # _summary.json and _report.html from every row the output holds (a rerun's too), in one pass, under the lock
         report = score_report.write(config.output, model.uri, model.threshold, model.id)
     seconds = scoring_ended - scoring_started
-    rows, labels, errors = _summary(config.output)
+    rows, labels, errors = report["rows"], report["labels"], report["errors"]  # the report's pass counted them
     summary = {
         "rows": rows,
         "new_rows": new_rows,
