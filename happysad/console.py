@@ -157,7 +157,8 @@ class _QuietImport(importlib.abc.MetaPathFinder):
 
 def join_ray() -> None:
     """Start or join Ray (RAY_ADDRESS, else the cluster `ray start` began here, else a new local one), passing
-    this process's S3 endpoint and region (and TensorFlow's oneDNN switch) on to every worker of the job; quiet, keep only `say` lines.
+    this process's S3 endpoint and region, and TensorFlow's oneDNN switch, on to every worker of the job; quiet,
+    keep only `say` lines.
 
     Called where a job first needs Ray, after its own checks: a bad flag costs no cluster start.
     """
