@@ -2,7 +2,7 @@
 
     URIs -> sources -> index: decode every row once, keep (label, split, hash, error)
          -> counts, conflicts, checks -> each split, padded to a multiple of the workers
-         -> TensorflowTrainer(train_loop_per_worker) -> run directory
+         -> DataParallelTrainer(train_loop_per_worker, StrategyConfig) -> run directory
 
 Cache: when the decoded images fit CACHE_FRACTION of Ray's object store, the
 index keeps them and each split is materialized from it (decoded once, reused
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -394,16 +395,18 @@ def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict
     # failed start counts against controller_failure_limit). Passed on by Ray Train to its controller.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
 
-    with console.native_stderr_hidden():
-        from ray.train.tensorflow import TensorflowTrainer  # imports TensorFlow
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from happysad.train_backend import StrategyConfig
 
     fs, path = storage.filesystem(output)
     parent, name = path.rsplit("/", 1)  # never a bucket root: TrainConfig refuses it
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # rows reach the workers in the listing's (seeded) order, cached or streamed
-    return TensorflowTrainer(
+    return DataParallelTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        backend_config=StrategyConfig(),
         scaling_config=ScalingConfig(
             num_workers=config.workers,
             use_gpu=config.gpu,
@@ -421,6 +424,19 @@ def _trainer(config: TrainConfig, output: str, datasets: dict, loop_config: dict
         datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest),
     )
+
+
+def _import_keras_meanwhile() -> threading.Thread:
+    """The report's Grad-CAM thumbnails need Keras in this process after training. Importing it (5-8 s, one
+    core) while Ray Train starts the workers takes it off the run's wall time; nothing else here needs it."""
+
+    def load() -> None:
+        with console.native_stderr_hidden():
+            import keras  # noqa: F401
+
+    thread = threading.Thread(target=load, name="import-keras", daemon=True)
+    thread.start()
+    return thread
 
 
 def _fit(trainer, output: str) -> dict:
@@ -464,7 +480,9 @@ def run(config: TrainConfig) -> dict:
     # Recorded before the first checkpoint: a later --resume is checked against it.
     storage.write_bytes(storage.join(output, "config.json"), json.dumps(record, indent=2).encode())
     loop_config = {"config": config, "rows": data.rows, "counts": data.counts, "output": output}
+    keras_imported = _import_keras_meanwhile()
     returned = _fit(_trainer(config, output, data.datasets, loop_config), output)
+    keras_imported.join()
     # The threshold and the val and test metrics, from every real row's exact score (the workers' files).
     split_rows = {split: predictions.worker_predictions(output, split) for split in ("val", "test")}
     threshold = choose_threshold(*predictions.scores_and_sad(split_rows["val"]))

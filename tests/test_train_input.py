@@ -22,7 +22,9 @@ def test_uneven_shards_take_equal_steps_and_stop_together(ray_session, tmp_path)
     """
     import ray
     from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from happysad.train_backend import StrategyConfig
 
     def rows(n: int):
         return ray.data.from_items(
@@ -48,8 +50,9 @@ def test_uneven_shards_take_equal_steps_and_stop_together(ray_session, tmp_path)
         steps = Lockstep(strategy).steps(batches, lambda b: sums.append(float(global_weight(b))))
         return {"steps": steps, "sums": sums}
 
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(
         loop,
+        backend_config=StrategyConfig(),  # each worker's TF_CONFIG, as in `happysad train`
         scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(name="uneven", storage_path=str(tmp_path)),
         datasets={"short": rows(3), "long": rows(9)},
