@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from score_memory import tree_pss_mb  # noqa: E402
+from score_memory import wait_sampling_pss  # noqa: E402
 
 SEED_SAMPLE = 300
 DESIGNS = ("job", "job on Ray", "plain", "seed")
@@ -112,10 +112,7 @@ def measure(cmd: list[str], env: dict) -> tuple[float, float, str]:
     """(wall seconds, peak tree PSS MB, stdout) of one process."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    peak = 0.0
-    while proc.poll() is None:
-        peak = max(peak, tree_pss_mb(proc.pid))
-        time.sleep(0.5)
+    peak = wait_sampling_pss(proc)
     out = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"{cmd} failed ({proc.returncode})")

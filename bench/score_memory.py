@@ -38,6 +38,21 @@ def children_map() -> dict[int, list[int]]:
     return tree
 
 
+PSS_SAMPLE_S = 2.0  # one sample of a job's ~15 Ray processes costs ~80 ms of CPU: every 0.5 s it took ~7% of 2 cores
+
+
+def wait_sampling_pss(proc: subprocess.Popen) -> float:
+    """Wait for `proc` to end (returning as soon as it does); its process tree's peak PSS in MB, sampled."""
+    peak = 0.0
+    while True:
+        peak = max(peak, tree_pss_mb(proc.pid))
+        try:
+            proc.wait(timeout=PSS_SAMPLE_S)
+            return peak
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def tree_pss_mb(root: int) -> float:
     tree, todo, total = children_map(), [root], 0
     while todo:
@@ -60,10 +75,7 @@ def score(images: Path, model: Path, output: Path) -> tuple[float, float]:
         [sys.executable, "-m", "happysad.cli", "score", "--model", str(model), "--input", str(images), "--output", str(output)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    peak = 0.0
-    while proc.poll() is None:
-        peak = max(peak, tree_pss_mb(proc.pid))
-        time.sleep(0.5)
+    peak = wait_sampling_pss(proc)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"scoring {images} failed with exit code {proc.returncode}")

@@ -106,7 +106,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", TF_CPP_MIN_LOG_LEVEL="2")
+    # The baselines import Keras before happysad: they get happysad's oneDNN default (happysad/__init__.py) here,
+    # or on a CPU without AVX-512 they would run TensorFlow's 2-5x slower Eigen kernels against the job's oneDNN.
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", TF_CPP_MIN_LOG_LEVEL="2",
+               TF_ENABLE_ONEDNN_OPTS=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1"))
     env.pop("RAY_ADDRESS", None)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
