@@ -27,6 +27,7 @@ import warnings
 MARK = "[happysad] "  # starts each worker line meant for the console; the driver drops it when showing the line
 SYSTEM_SOURCES = ("autoscaler", "raylet")  # Ray's own reports on nodes and scheduling: always shown
 _verbose = True  # until quiet() says otherwise: library code run outside the CLI shows everything
+_ray_started_here = False  # join_ray started a new local Ray, whose workers inherit this process's environment
 
 # Escape sequences a terminal reads (colours, cursor moves): CSI, OSC, and the two-byte ones.
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
@@ -158,7 +159,8 @@ class _QuietImport(importlib.abc.MetaPathFinder):
 def join_ray() -> None:
     """Start or join Ray (RAY_ADDRESS, else the cluster `ray start` began here, else a new local one); joining,
     pass this process's S3 endpoint and region, and TensorFlow's oneDNN switch, on to every worker of the job
-    (a Ray started here inherits them); quiet, keep only `say` lines.
+    (a Ray started here inherits them; the Keras backend goes to scoring's tasks only: `task_runtime_env`);
+    quiet, keep only `say` lines.
 
     Called where a job first needs Ray, after its own checks: a bad flag costs no cluster start.
     """
@@ -176,10 +178,12 @@ def join_ray() -> None:
                 handler.setLevel(logging.ERROR)
     _actor_state_by_value()
     if not ray.is_initialized():
+        global _ray_started_here
+        _ray_started_here = _starts_its_own_ray()
         # A Ray started here inherits this environment. Joining one, a submitted job's own env_vars already
         # reach its workers, and Ray refuses a key named twice.
         forwarded = storage.ray_env_vars() | {"TF_ENABLE_ONEDNN_OPTS": os.environ["TF_ENABLE_ONEDNN_OPTS"]}  # happysad/__init__.py
-        env = {} if _starts_its_own_ray() else {k: v for k, v in forwarded.items() if k not in _submitted_job_env()}
+        env = {} if _ray_started_here else {k: v for k, v in forwarded.items() if k not in _submitted_job_env()}
         # Quiet, only Ray's errors: its start-up notices would come before the job's own first lines. A Ray
         # started here lives for this job only: its dashboard's web UI and state API would serve nobody
         # (ignored when joining a running cluster, which keeps its own).
@@ -195,6 +199,16 @@ def join_ray() -> None:
         context.enable_rich_progress_bars, context.use_ray_tqdm = True, False
     if not _verbose:
         _show_only_marked_worker_lines()
+
+
+def task_runtime_env() -> dict | None:
+    """The runtime_env of scoring's Ray Data tasks and replicas (score, evaluate): the Keras backend and the S3
+    endpoint and region, per task: a cluster joined by an earlier job of this process (a test session's) got
+    that job's variables, not this one's. Nothing on a Ray this job started: it inherited this environment."""
+    from happysad import storage
+
+    env = {} if _ray_started_here else {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ} | storage.ray_env_vars()
+    return {"env_vars": env} if env else None
 
 
 def _starts_its_own_ray() -> bool:

@@ -15,7 +15,6 @@ numbers in evaluation.json follow from predictions.parquet alone.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -88,16 +87,10 @@ class LabelledReplica(score.Replica):
         return super().__call__(batch).append_column("true_label", labels)
 
 
-def _worker_env() -> dict | None:
-    # Workers inherit the raylet's environment, not ours: pass on the Keras backend and the S3 endpoint.
-    env = {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ} | storage.ray_env_vars()
-    return {"env_vars": env} if env else None
-
-
 def predict(labelled, model: score.Model, config: score.ScoreConfig) -> pa.Table:
     """score's columns plus true_label for every labelled row, scored by score's replicas; sorted by path."""
     ds = labelled.map_batches(_as_score_rows, batch_format="pyarrow")
-    env = _worker_env()
+    env = console.task_runtime_env()
     if config.gpu:  # as score: decode on every CPU, replicas only predict
         ds = ds.map_batches(
             _decode_labelled, fn_kwargs={"max_bytes": config.max_bytes}, batch_size=config.batch_size, num_cpus=1, runtime_env=env

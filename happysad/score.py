@@ -470,9 +470,7 @@ def _bounded_flight(archives: list[storage.Listed]):
 
 
 def _pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.ndarray):
-    # Workers inherit the raylet's environment, not ours: pass on the Keras backend and the S3 endpoint.
-    env = {k: os.environ[k] for k in ("KERAS_BACKEND",) if k in os.environ} | storage.ray_env_vars()
-    worker_env = {"env_vars": env} if env else None
+    worker_env = console.task_runtime_env()
     # A task or replica lost with its node is run again, a bounded number of times (Ray Data's default
     # is forever): a batch that kills every process it reaches fails the job instead of hanging it.
     node_loss_retries = 3
