@@ -23,7 +23,8 @@ class StrategyConfig(BackendConfig):
 
 
 def _set_tf_config(addresses: list[str], index: int) -> None:
-    """The cluster MultiWorkerMirroredStrategy reads from TF_CONFIG: every worker's address, and this one's rank."""
+    """The cluster MultiWorkerMirroredStrategy reads from TF_CONFIG: every worker's address, and this one's rank.
+    Unlike Ray's backend, TF_USE_LEGACY_KERAS is left unset: the workers run Keras 3, not tf_keras."""
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
 
 
