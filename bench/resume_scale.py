@@ -5,7 +5,7 @@
 Writes an output folder of `--rows` synthetic score rows (no images: paths like
 `s3://bucket/incoming/2026/11/27/cam-0042/IMG_0001234.jpg`), then, in a fresh
 process each, measures wall time and peak RSS of the driver's resume steps:
-retiring `read_failed` rows, hashing every done path (`score._done_hashes`),
+retiring `read_failed` rows, hashing every done path (`score_output.done_hashes`),
 and filtering a listing of the same size against them (`inputs.done_mask`).
 For comparison it runs the previous design: a frozenset of every done path.
 """
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from happysad.score import SCHEMA  # noqa: E402
+from happysad.score_output import SCHEMA  # noqa: E402
 
 FILES = 100
 
@@ -34,12 +34,12 @@ MEASURE = {
 import resource, time
 import numpy as np
 import pyarrow as pa
-from happysad import inputs, score
+from happysad import inputs, score_output
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 paths = [f"s3://bucket/incoming/{i % 97:02d}/cam-{i % 1000:04d}/IMG_{i:09d}.jpg" for i in range(ROWS)]
-score._retire_read_failed(OUT, inputs.Inputs(pa.table({"path": paths}), [], 0))
-done = score._done_hashes(OUT)
+score_output.retire_read_failed(OUT, inputs.Inputs(pa.table({"path": paths}), [], 0))
+done = score_output.done_hashes(OUT)
 listing = inputs.path_hashes(paths)
 todo = int((~inputs.done_mask(done, listing)).sum())
 print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, todo, done.nbytes)
@@ -47,7 +47,7 @@ print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_m
     "frozenset of paths (before)": """
 import resource, sys, time
 import pyarrow.dataset as pads
-from happysad import inputs, score
+from happysad import inputs
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()
 dataset = pads.dataset(OUT, format="parquet")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from happysad import metrics, run_files, synth  # noqa: E402
 from happysad.model import CLASSES  # noqa: E402
-from happysad.score import SCHEMA  # noqa: E402
+from happysad.score_output import SCHEMA  # noqa: E402
 
 THRESHOLD = 0.5
 REAL = 300  # rows that point at real images: more than the three sheets show (72)

@@ -182,7 +182,10 @@ def join_ray() -> None:
         _ray_started_here = _starts_its_own_ray()
         # A Ray started here inherits this environment. Joining one, a submitted job's own env_vars already
         # reach its workers, and Ray refuses a key named twice.
-        forwarded = storage.ray_env_vars() | {"TF_ENABLE_ONEDNN_OPTS": os.environ["TF_ENABLE_ONEDNN_OPTS"]}  # happysad/__init__.py
+        # happysad/__init__.py sets oneDNN's switch; absent only where happysad was imported without it (an
+        # editable install older than that file makes `happysad` a namespace package): then not forwarded.
+        onednn = {k: os.environ[k] for k in ("TF_ENABLE_ONEDNN_OPTS",) if k in os.environ}
+        forwarded = storage.ray_env_vars() | onednn
         env = {} if _ray_started_here else {k: v for k, v in forwarded.items() if k not in _submitted_job_env()}
         # Quiet, only Ray's errors: its start-up notices would come before the job's own first lines. A Ray
         # started here lives for this job only: its dashboard's web UI and state API would serve nobody

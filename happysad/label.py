@@ -25,7 +25,7 @@ import urllib.parse
 import numpy as np
 import pyarrow.fs as pafs
 
-from happysad import metrics, score_report, storage
+from happysad import metrics, score_output, score_report, storage
 from happysad.model import CLASSES
 from happysad.storage import UsageError
 
@@ -58,14 +58,14 @@ def export(scores: str, out: str, band: tuple[float, float] | None = None, limit
     """Copy the chosen images into OUT/unlabelled/ and write OUT/labels.csv; returns what was done."""
     if limit < 1:
         raise UsageError(f"--limit {limit} must be >= 1")
-    if storage.file_type(scores) == pafs.FileType.File or not score_report.parquet_files(scores):
+    if storage.file_type(scores) == pafs.FileType.File or not score_output.parquet_files(scores):
         raise UsageError(f"--scores {scores}: holds no Parquet files of a scoring run")
     csv_uri = storage.join(out, CSV_NAME)
     if storage.file_type(out) == pafs.FileType.File:
         raise UsageError(f"--out {out}: is a file; expected a folder")
     if storage.file_type(csv_uri) != pafs.FileType.NotFound:
         raise UsageError(f"--out {out}: already holds {CSV_NAME} (a labelling round): apply it, or choose another --out")
-    record = score_report.read_record(scores) or {}
+    record = score_output.read_record(scores) or {}
     threshold = float(record.get("threshold", metrics.DEFAULT_THRESHOLD))
     if band is None:
         rows = score_report.select(scores, threshold, score_report.SHEETS["borderline"], limit)

@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from happysad import run_files, score, storage
+from happysad import run_files, score, score_output, storage
 from happysad.metrics import binary_metrics, log_losses
 from happysad.model import CLASSES
 
-LABELLED_ROWS = score.SCHEMA.append(pa.field("true_label", pa.string()))  # predictions and a run's split predictions
+LABELLED_ROWS = score_output.SCHEMA.append(pa.field("true_label", pa.string()))  # predictions and a run's split predictions
 WORST = 16  # rows a report shows with their heat maps
 
 

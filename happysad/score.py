@@ -11,14 +11,10 @@ A small job with no cluster named (`runs_in_process`) is scored in this process
 with the same replica and two threads, and written the same way: starting Ray and
 a replica process would cost more than the job (bench/score_bench.py).
 
-Atomic, resumable output: Ray writes Parquet into a hidden staging folder of
-this attempt (`OUTPUT/.staging-<id>/`, which Parquet readers skip), and each
-finished file is moved into OUTPUT when the run ends. A rerun with the same
-arguments first adopts the complete files a killed attempt left in staging
-(a half-written one has no Parquet footer and is removed), drops the rows
-that failed to read (`read_failed`: often a passing S3 error) so they are
-tried again, then scores only the inputs that no output row names yet. One
-run at a time holds OUTPUT/.lock.
+Atomic, resumable output: each attempt writes into a hidden staging folder of its
+own, whose complete files are moved into OUTPUT when it ends; a rerun adopts what a
+killed attempt staged and scores only the inputs no row names yet (`score_output`).
+One run at a time holds OUTPUT/.lock.
 """
 
 from __future__ import annotations
@@ -33,36 +29,21 @@ import posixpath
 import sys
 import tempfile
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 
-from happysad import console, gpus, inputs, lock, metrics, score_report, storage
+from happysad import console, gpus, inputs, lock, metrics, score_output, score_report, storage
 from happysad.decode import DecodeError, decode_image
 from happysad.model import CLASSES, IMAGE_SIZE, check_model_file, file_digest
 from happysad.storage import UsageError
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema(
-    [
-        ("path", pa.string()),
-        ("score", pa.float32()),
-        ("label", pa.string()),
-        ("error", pa.string()),
-        ("model", pa.string()),
-        ("error_detail", pa.string()),
-    ]
-)
-RECORD = "_scoring.json"  # in --output: the model and threshold its rows were scored with (`_`: Parquet readers skip it)
 IN_FLIGHT_PER_CPU = 32 << 20  # object-store bytes in flight per cluster CPU while a compressed tar streams...
 IN_FLIGHT_FLOOR = 300 << 20  # ...and at least this (bench/archive_memory.py, 2 CPUs, 1 GB tar.gz: 23 s -> 35 s, reader 837 -> 352 MB)
 READERS_MIN = 4  # archive readers at once, at least; else two per CPU the cluster has at start
@@ -233,106 +214,13 @@ class Replica:
                 "model": [self.model.id] * len(errors),
                 "error_detail": pa.array(details, pa.string()),
             },
-            schema=SCHEMA,
+            schema=score_output.SCHEMA,
         )
 
 
 def decided_labels(scores: np.ndarray | float, threshold: float) -> np.ndarray:
     """The label of each score by the one rule (metrics.called_sad); one score: a 0-d array, str() of it is the label."""
     return np.where(metrics.called_sad(scores, threshold), "sad", "happy")
-
-
-# --- output folder: staging, resume, summary -------------------------------------------------
-
-
-def _finish_staged(output: str) -> int:
-    """Move complete Parquet files out of every staging folder, drop half-written ones; rows moved."""
-    fs, root = storage.filesystem(output)
-    moved = 0
-    for entry in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith(".staging-"):
-            continue
-        for f in fs.get_file_info(pafs.FileSelector(entry.path, recursive=True)):
-            rows = _complete_parquet_rows(fs, f.path) if f.is_file and f.base_name.endswith(".parquet") else None
-            if rows is not None:
-                fs.move(f.path, f"{root}/{f.base_name}")
-                moved += rows
-        fs.delete_dir(entry.path)
-    return moved
-
-
-def _complete_parquet_rows(fs, path: str) -> int | None:
-    try:
-        with fs.open_input_file(path) as f:
-            return pq.read_metadata(f).num_rows
-    except (OSError, pa.ArrowInvalid):
-        return None
-
-
-def _output_files(output: str) -> pads.Dataset | None:
-    """The output's Parquet files: `*.parquet` in the folder itself, not hidden (staging) or `_` (our record).
-    Anything else a user keeps there (a NOTES.txt) is left alone."""
-    fs, root = storage.filesystem(output)
-    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    files = [e.path for e in entries if e.is_file and e.base_name.endswith(".parquet") and e.base_name[0] not in "._"]
-    return pads.dataset(files, format="parquet", filesystem=fs, schema=SCHEMA) if files else None
-
-
-def _retire_read_failed(output: str, found: inputs.Inputs) -> int:
-    """Rewrite each output file without the `read_failed` rows of this run's inputs, so they are tried again.
-    Rows of inputs this run does not list stay as they are."""
-    dataset = _output_files(output)
-    fs, _ = storage.filesystem(output)
-    listed = None  # hashes of this run's inputs, made only if some row failed to read
-    retired = 0
-    for fragment in dataset.get_fragments() if dataset else []:
-        table = fragment.to_table(schema=SCHEMA)
-        failed = np.flatnonzero(pc.fill_null(pc.equal(table["error"], "read_failed"), False).to_numpy(zero_copy_only=False))
-        if not len(failed):
-            continue
-        if listed is None:
-            listed = np.unique(inputs.path_hashes(found.files["path"].to_pylist() + [a.uri for a in found.archives]))
-        # A member's path is ARCHIVE#MEMBER, and a file's own `#` is escaped: the first `#` ends its input's path.
-        owners = [path.split("#", 1)[0] for path in table["path"].take(failed).to_pylist()]
-        retire = np.zeros(table.num_rows, bool)
-        retire[failed[inputs.done_mask(listed, inputs.path_hashes(owners))]] = True
-        if not retire.any():
-            continue
-        kept = table.filter(pa.array(~retire))
-        if kept.num_rows:
-            storage.write_parquet(storage.to_uri(fragment.path, output), kept)
-        else:
-            fs.delete_file(fragment.path)
-        retired += int(retire.sum())
-    return retired
-
-
-def _done_hashes(output: str) -> np.ndarray:
-    """Sorted 64-bit hashes of every path with a row: 8 bytes a row, however long the paths."""
-    dataset = _output_files(output)
-    chunks = [inputs.path_hashes(b.column(0).to_pylist()) for b in dataset.to_batches(columns=["path"])] if dataset else []
-    return np.unique(np.concatenate(chunks)) if chunks else np.empty(0, np.uint64)
-
-
-def check_record(output: str, model: Model) -> None:
-    """Refuse to add rows of another model or threshold to an output; record them on its first run."""
-    uri = storage.join(output, RECORD)
-    mine = {"model": model.id, "threshold": model.threshold}
-    dataset = _output_files(output)
-    if dataset is None:  # no rows yet (a first run, or one that stopped before its first file): this run's record
-        theirs = None
-    elif storage.file_type(uri) == pafs.FileType.File:
-        theirs = json.loads(storage.read_bytes(uri))
-    else:  # an output written before the record existed: its rows name their model
-        ids = pc.unique(dataset.to_table(columns=["model"]).column(0)).to_pylist()
-        theirs = {"model": ids[0], "threshold": "unknown"} if ids and ids != [model.id] else None
-    if theirs is None:
-        storage.write_bytes(uri, json.dumps(mine | {"model_uri": model.uri}, indent=2).encode())
-    elif (theirs.get("model"), theirs.get("threshold")) != (model.id, model.threshold):
-        raise UsageError(
-            f"--output {output}: holds rows of model {theirs.get('model')} at threshold {theirs.get('threshold')}; this run's "
-            f"model {model.id} at threshold {model.threshold} would mix them in one output: choose another --output"
-        )
 
 
 # --- the pipeline ------------------------------------------------------------------------------
@@ -385,9 +273,7 @@ def score_in_process(config: ScoreConfig, model: Model, todo: inputs.Inputs, don
     from concurrent.futures import ThreadPoolExecutor
 
     replica = Replica(model, config.batch_size, config.max_bytes)
-    fs, root = storage.filesystem(staging)
-    fs.create_dir(root)
-    with ThreadPoolExecutor(CALLS_PER_REPLICA) as pool, _StagedWriter(fs, root, config.rows_per_file) as out:
+    with ThreadPoolExecutor(CALLS_PER_REPLICA) as pool, score_output.StagedWriter(staging, config.rows_per_file) as out:
         pending = []
         for batch in _local_batches(config, todo, done):
             pending.append(pool.submit(replica, batch))
@@ -405,36 +291,6 @@ def _local_batches(config: ScoreConfig, todo: inputs.Inputs, done: np.ndarray):
     for block in blocks:
         for start in range(0, block.num_rows, config.batch_size):
             yield block.slice(start, config.batch_size).to_pydict()
-
-
-class _StagedWriter:
-    """Parquet files of at most `rows` rows each, in a staging folder (`_finish_staged` moves the complete ones)."""
-
-    def __init__(self, fs, root: str, rows: int):
-        self.fs, self.root, self.rows = fs, root, rows
-        self.writer, self.count, self.files = None, 0, 0
-
-    def write(self, table: pa.Table) -> None:
-        while table.num_rows:
-            if self.writer is None or self.count >= self.rows:
-                self.close()
-                self.writer = pq.ParquetWriter(self.fs.open_output_stream(f"{self.root}/{uuid.uuid4().hex}_{self.files:06d}.parquet"), SCHEMA)
-                self.files, self.count = self.files + 1, 0
-            part = table.slice(0, self.rows - self.count)
-            self.writer.write_table(part)
-            self.count += part.num_rows
-            table = table.slice(part.num_rows)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def build_pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.ndarray):
@@ -522,30 +378,25 @@ def _pipeline(config: ScoreConfig, model: Model, found: inputs.Inputs, done: np.
 
 
 
-def check_output(output: str) -> None:
-    if storage.file_type(output) == pafs.FileType.File:
-        raise UsageError(f"--output {output}: is a file; expected a folder or s3:// prefix for the Parquet files")
-
-
 def run(config: ScoreConfig) -> dict:
     """Score every input not yet in --output; print and return a summary."""
     model = open_model(config.model, config.threshold)
     found = inputs.expand(list(config.inputs), config.output)
-    check_output(config.output)
+    score_output.check_output(config.output)
     for uri in found.empty:  # not an error: an incoming folder may be empty today
         print(f"warning: --input {uri}: no files in it", file=sys.stderr, flush=True)
     started = time.perf_counter()
     with lock.held(storage.join(config.output, ".lock"), "--output", config.output):
-        _finish_staged(config.output)
-        check_record(config.output, model)
-        _retire_read_failed(config.output, found)
-        done = _done_hashes(config.output)
+        score_output.finish_staged(config.output)
+        score_output.check_record(config.output, model)
+        score_output.retire_read_failed(config.output, found)
+        done = score_output.done_hashes(config.output)
         todo = inputs.pending(found, done)
         new_rows, scoring_started = 0, time.perf_counter()
-        staging = storage.join(config.output, f".staging-{uuid.uuid4().hex[:12]}")
+        staging = score_output.new_staging(config.output)
         if (todo.files.num_rows or todo.archives) and runs_in_process(config, todo):
             score_in_process(config, model, todo, done, staging)
-            new_rows = _finish_staged(config.output)
+            new_rows = score_output.finish_staged(config.output)
         elif todo.files.num_rows or todo.archives:  # nothing left to score: no Ray start at all
             console.join_ray()
             gpus.refuse_unless_one_can_come(config.gpu)
@@ -556,7 +407,7 @@ def run(config: ScoreConfig) -> dict:
                 scoring_started = time.perf_counter()
                 fs, staging_path = storage.filesystem(staging)
                 pipeline.write_parquet(staging_path, filesystem=fs, max_rows_per_file=config.rows_per_file)
-            new_rows = _finish_staged(config.output)
+            new_rows = score_output.finish_staged(config.output)
         scoring_ended = time.perf_counter()
         # _summary.json and _report.html from every row the output holds (a rerun's too), in one pass, under the lock
         report = score_report.write(config.output, model.uri, model.threshold, model.id)

@@ -29,16 +29,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from happysad import inputs, lock, metrics, render, run_files, storage
+from happysad import inputs, lock, metrics, render, run_files, score_output, storage
 from happysad.decode import decode_image
 from happysad.storage import UsageError
 
-# `_`-named, as score.RECORD: Parquet readers (pyarrow.dataset, pandas) skip them when they read the folder
+# `_`-named, as score_output.RECORD: Parquet readers (pyarrow.dataset, pandas) skip them when they read the folder
 SUMMARY, PAGE = "_summary.json", "_report.html"
-RECORD = "_scoring.json"  # score.RECORD: the model (id, uri) and threshold an output's rows were scored with
 SHEET_SIZE = 24  # thumbnails per contact sheet
 EXAMPLES = 5  # example paths per error reason
 DISPLAY_BINS = 100  # the page's histogram (drift uses metrics.DRIFT_BINS)
@@ -48,25 +46,14 @@ THUMB_SIDE = 128  # thumbnails: the model's 256x256 view, halved, as JPEG
 COLUMNS = ["path", "score", "label", "error"]
 
 
-# --- the output's files ----------------------------------------------------------------------------------------------
-
-
-def parquet_files(output: str) -> list[str]:
-    """The output's Parquet files, sorted: `*.parquet` in the folder itself, none hidden (staging) or `_`-named,
-    as `score` reads them."""
-    fs, root = storage.filesystem(output)
-    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    return sorted(e.path for e in entries if e.is_file and e.base_name.endswith(".parquet") and e.base_name[0] not in "._")
+# --- the output's rows ----------------------------------------------------------------------------------------------
 
 
 def batches(output: str):
     """The output's rows, `COLUMNS` only, in batches of at most BATCH_ROWS, one batch and one file read ahead."""
-    files = parquet_files(output)
-    if not files:
-        return
-    fs, _ = storage.filesystem(output)
-    dataset = pads.dataset(files, format="parquet", filesystem=fs)
-    yield from dataset.to_batches(columns=COLUMNS, batch_size=BATCH_ROWS, batch_readahead=1, fragment_readahead=1)
+    dataset = score_output.rows(output)
+    if dataset is not None:
+        yield from dataset.to_batches(columns=COLUMNS, batch_size=BATCH_ROWS, batch_readahead=1, fragment_readahead=1)
 
 
 # --- the bounded selection -------------------------------------------------------------------------------------------
@@ -252,13 +239,6 @@ def with_thumbnails(sheets: dict[str, list[dict]]) -> dict[str, list[dict]]:
 # --- the model's reference and the output's record -------------------------------------------------------------------
 
 
-def read_record(output: str) -> dict | None:
-    try:
-        return json.loads(storage.read_bytes(storage.join(output, RECORD)))
-    except (OSError, ValueError):
-        return None
-
-
 def model_info(model_uri: str | None) -> dict | None:
     """model.json beside a .keras file, or None."""
     if not model_uri:
@@ -331,9 +311,9 @@ def rebuild(output: str, model_uri: str | None = None) -> dict:
     """
     if storage.file_type(output) == pafs.FileType.File:
         raise UsageError(f"--scores {output}: is a file; expected the --output folder of a scoring run")
-    if not parquet_files(output):
+    if not score_output.parquet_files(output):
         raise UsageError(f"--scores {output}: holds no Parquet files of a scoring run")
-    record = read_record(output) or {}
+    record = score_output.read_record(output) or {}
     model_uri = model_uri or record.get("model_uri")
     threshold = record.get("threshold")
     if not isinstance(threshold, (int, float)):

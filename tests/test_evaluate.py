@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import BUCKET, REPO, run_cli, upload_tree
-from happysad import score, storage, synth
+from happysad import score_output, storage, synth
 from happysad.decode import decode_image
 from happysad.evaluate import EvaluateConfig, run
 from happysad.model import build_model
@@ -78,7 +78,7 @@ def numpy_metrics(scores: np.ndarray, sad: np.ndarray, threshold: float) -> dict
 def test_metrics_equal_a_numpy_recomputation_from_the_parquet_rows(evaluated, labelled_set):
     result = json.loads((evaluated / "evaluation.json").read_text())
     table = pq.read_table(evaluated / "predictions.parquet")
-    assert table.column_names == [*score.SCHEMA.names, "true_label"]  # score's columns, then true_label
+    assert table.column_names == [*score_output.SCHEMA.names, "true_label"]  # score's columns, then true_label
     assert table.column_names[:5] == ["path", "score", "label", "error", "model"]
     rows = table.to_pylist()
     files = {str(p) for p in labelled_set.glob("*/*") if not p.name.startswith(".")}

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import BUCKET, run_cli
-from happysad import inputs, score, storage, synth
+from happysad import inputs, score, score_output, storage, synth
 from happysad.cli import build_parser
 from happysad.storage import UsageError
 
@@ -154,7 +154,7 @@ def test_300_damaged_archives_and_odd_names_one_row_each_in_one_job(ray_session,
     assert {by_path[f"{root}/zero.{k}"]["error"] for k in ("zip", "tar", "tar.gz")} == {"empty"}
     assert any(p.startswith(f"{root}/base.zip#") and p.endswith("#") for p in paths)  # the empty member name
     assert (output / "NOTES.txt").exists()
-    record = json.loads((output / score.RECORD).read_text())
+    record = json.loads((output / score_output.RECORD).read_text())
     assert record["model"] == rows[0]["model"] and record["threshold"] == 0.5
 
     # A rerun with another threshold would add rows of another decision rule: refused, one line, exit 2.
@@ -199,7 +199,7 @@ def test_a_rerun_retires_only_the_failed_rows_of_its_own_inputs(tmp_path):
     pq.write_table(table, output / "part-0.parquet")
     b_only = inputs.Inputs(inputs.file_rows([]).slice(0, 0), [storage.Listed("/b/broken.tar", b"/b/broken.tar", 9),
                                                              storage.Listed("/b/x.zip", b"/b/x.zip", 9)], 0)
-    assert score._retire_read_failed(str(output), b_only) == 2
+    assert score_output.retire_read_failed(str(output), b_only) == 2
     left = pq.read_table(output / "part-0.parquet").column("path").to_pylist()
     assert left == ["/a/broken.tar", "/a/x.zip#m.jpg", "/b/ok.jpg"]
 
@@ -210,13 +210,13 @@ def test_an_output_keeps_one_model_and_threshold(tmp_path, model_file):
     model = score.open_model(str(model_file))
     pq.write_table(pa.table({"path": ["/x.jpg"], "model": ["0123456789abcdef"]}), output / "old.parquet")
     with pytest.raises(UsageError, match=f"--output {output}: holds rows of model 0123456789abcdef"):
-        score.check_record(str(output), model)  # an output from before the record: its rows' model counts
+        score_output.check_record(str(output), model)  # an output from before the record: its rows' model counts
     (output / "old.parquet").unlink()
-    score.check_record(str(output), model)  # no rows yet: this run's record
+    score_output.check_record(str(output), model)  # no rows yet: this run's record
     pq.write_table(pa.table({"path": ["/x.jpg"], "model": [model.id]}), output / "new.parquet")
-    score.check_record(str(output), model)
+    score_output.check_record(str(output), model)
     with pytest.raises(UsageError, match="at threshold 0.5; this run's model .* at threshold 0.7"):
-        score.check_record(str(output), score.Model(model.uri, model.id, 0.7))
+        score_output.check_record(str(output), score.Model(model.uri, model.id, 0.7))
 
 
 @pytest.mark.parametrize("kind", ["tar", "zip"])

@@ -24,7 +24,8 @@ import pytest
 from conftest import BUCKET, run_cli, upload_tree
 from happysad import metrics, run_files, score_report, synth
 from happysad.score_report import PAGE, SUMMARY
-from happysad.score import SCHEMA, ScoreConfig, run
+from happysad.score import ScoreConfig, run
+from happysad.score_output import SCHEMA
 from test_evaluate import browse, chromium
 
 ODD_NAME = b"caf\xe9 #1%.jpg"  # Latin-1, with the two characters paths escape: read back by its raw bytes
