@@ -157,10 +157,10 @@ class StagedWriter:
     """Parquet files of at most `rows` rows each in a staging folder (`finish_staged` moves the complete ones):
     how a job scored in-process writes, as Ray Data's writer does on Ray."""
 
-    def __init__(self, staging: str, rows: int):
+    def __init__(self, staging: str, rows_per_file: int):
         self.fs, self.root = storage.filesystem(staging)
         self.fs.create_dir(self.root)
-        self.rows, self.writer, self.count, self.files = rows, None, 0, 0
+        self.rows, self.writer, self.count, self.files = rows_per_file, None, 0, 0
 
     def write(self, table: pa.Table) -> None:
         while table.num_rows:

@@ -236,7 +236,7 @@ def with_thumbnails(sheets: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return {name: [row | made[row["path"]] for row in rows] for name, rows in sheets.items()}
 
 
-# --- the model's reference and the output's record -------------------------------------------------------------------
+# --- the model's reference -------------------------------------------------------------------------------------------
 
 
 def model_info(model_uri: str | None) -> dict | None:
