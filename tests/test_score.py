@@ -332,7 +332,8 @@ def test_scores_agree_across_keras_backends(ray_session, model_file, mixed_input
 
 def test_progress_in_a_log_counts_inputs_against_a_total_that_includes_archive_members(ray_session, model_file, tmp_path):
     """A line every second (HAPPYSAD_PROGRESS_S=1, the default is 10) on stderr, which is a pipe here: the count
-    is replicas' rows, the total the files plus the members listed so far ('+' while archives are still listed)."""
+    is replicas' rows, the total the files plus the members listed so far ('+' while archives are still listed).
+    The same job writes its rows gathered into files of up to --rows-per-file rows."""
     import re
 
     folder = tmp_path / "in"
@@ -343,8 +344,13 @@ def test_progress_in_a_log_counts_inputs_against_a_total_that_includes_archive_m
         for name, data in good_images(60, seed=42).items():
             archive.writestr(name, data)
     env = dict(os.environ, HAPPYSAD_PROGRESS_S="1")
-    result = run_cli("score", "--model", str(model_file), "--input", str(folder), "--output", str(tmp_path / "out"), env=env)
+    output = tmp_path / "out"
+    result = run_cli("score", "--model", str(model_file), "--input", str(folder), "--output", str(output),
+                     "--batch-size", "16", "--rows-per-file", "200", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The same job's files: blocks of 64 rows (4 batches) gathered into files of 137 to 200 rows, not a file a block.
+    rows_per_file = [pq.read_metadata(f).num_rows for f in output.glob("*.parquet")]
+    assert sum(rows_per_file) == 300 and max(rows_per_file) <= 200 and len(rows_per_file) <= 3, rows_per_file
     lines = re.findall(r"^scored: ([\d,]+)/([\d,]+)(\+?)", result.stderr, re.M)
     assert len(lines) >= 2, result.stderr[-3000:]
     done = [int(d.replace(",", "")) for d, _, _ in lines]
