@@ -133,7 +133,10 @@ def check_record(output: str, model) -> None:
     if dataset is None:  # no rows yet (a first run, or one that stopped before its first file): this run's record
         theirs = None
     elif storage.file_type(uri) == pafs.FileType.File:
-        theirs = json.loads(storage.read_bytes(uri))
+        theirs = read_record(output)
+        if theirs is None:  # the rows' threshold is not known: adding to them could mix two
+            raise UsageError(f"--output {output}: {RECORD} is damaged (not a JSON record of the rows' model and threshold): "
+                             "restore it or choose another --output")
     else:  # an output written before the record existed: its rows name their model
         ids = pc.unique(dataset.to_table(columns=["model"]).column(0)).to_pylist()
         theirs = {"model": ids[0], "threshold": "unknown"} if ids and ids != [model.id] else None
@@ -147,10 +150,12 @@ def check_record(output: str, model) -> None:
 
 
 def read_record(output: str) -> dict | None:
+    """The output's record, or None where it is missing or damaged."""
     try:
-        return json.loads(storage.read_bytes(storage.join(output, RECORD)))
+        record = json.loads(storage.read_bytes(storage.join(output, RECORD)))
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 class StagedWriter:

@@ -253,7 +253,7 @@ def model_info(model_uri: str | None) -> dict | None:
 def reference(model_uri: str | None) -> tuple[list[int] | None, str | None]:
     """(the validation score histogram drift is measured against, or None and why there is none)."""
     if not model_uri:
-        return None, "no model is named: the output has no _scoring.json and no --model was given"
+        return None, "no model is named: the output has no readable _scoring.json and no --model was given"
     info = model_info(model_uri)
     if info is None:
         return None, f"no model.json beside {model_uri}"

@@ -217,6 +217,10 @@ def test_an_output_keeps_one_model_and_threshold(tmp_path, model_file):
     score_output.check_record(str(output), model)
     with pytest.raises(UsageError, match="at threshold 0.5; this run's model .* at threshold 0.7"):
         score_output.check_record(str(output), score.Model(model.uri, model.id, 0.7))
+    for damaged in (b'{"model": ', b"\xff\xfe", b"[]"):  # a damaged record is refused in one line, never a traceback
+        (output / score_output.RECORD).write_bytes(damaged)
+        with pytest.raises(UsageError, match=f"--output {output}: _scoring.json is damaged"):
+            score_output.check_record(str(output), model)
 
 
 @pytest.mark.parametrize("kind", ["tar", "zip"])
