@@ -260,7 +260,7 @@ def _write_staged(pipeline, staging: str, config: ScoreConfig) -> None:
     One file and one write task a block would make 80 files of 256 rows for 20,000 inputs; the rows a
     killed run scores again are the gathered ones, at most --rows-per-file."""
     fs, path = storage.filesystem(staging)
-    gathered = max(1, config.rows_per_file - _rows_per_block(config) + 1)
+    gathered = config.rows_per_file - _rows_per_block(config) + 1  # >= 1: a block is never larger than a file
     pipeline.write_parquet(path, filesystem=fs, min_rows_per_file=gathered, max_rows_per_file=config.rows_per_file)
 
 
